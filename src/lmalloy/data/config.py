@@ -1,0 +1,41 @@
+"""Configs of the data commands (pydantic only: cheap to import)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from lmalloy.config import Config
+
+
+class DataFields(Config):
+    """The fields every command that reads a corpus shares."""
+
+    data: list[str] = Field(["stdlib"], description="corpus: `stdlib` (the running Python's "
+                            "standard library), files, folders, globs or JSONL with a `text` field")
+    domains: list[str] | None = Field(None, description="keep only these domains")
+    exclude_domains: list[str] = Field([], description="drop these domains")
+    max_chars_per_domain: int | None = Field(None, gt=0, description="cap each domain's size "
+                                             "(whole documents, in corpus order)")
+
+
+class DataListConfig(DataFields):
+    pass
+
+
+class TokenizerConfig(DataFields):
+    out: str = Field("runs/tokenizer", description="output HF tokenizer folder")
+    vocab_size: int = Field(4096, description="BPE vocabulary size (>= 258: 256 bytes + specials)")
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vocab(cls, v: int) -> int:
+        from lmalloy.data.tokenizer import MIN_VOCAB
+
+        if v < MIN_VOCAB:
+            raise ValueError(f"must be at least {MIN_VOCAB} (256 byte tokens + "
+                             f"{MIN_VOCAB - 256} special tokens)")
+        if v > 2**31:
+            raise ValueError("is too large")
+        return v

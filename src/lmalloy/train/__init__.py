@@ -1,0 +1,1 @@
+"""Training: the TinyLlama-style trainer used by pretrain and finetune."""

@@ -1,0 +1,86 @@
+"""Configs of `lmalloy pretrain` and `lmalloy finetune` (pydantic only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmalloy.data.config import DataFields
+
+# keys that may change between a run and its `--resume`
+RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug"}
+
+
+class TrainConfig(DataFields):
+    out: str = Field("runs/pretrain", description="run folder (checkpoints, metrics, final model)")
+    seq_len: int = Field(256, gt=1, description="tokens per training sequence")
+    global_batch_tokens: int = Field(16384, gt=0, description="tokens per optimizer step, all "
+                                     "processes and accumulation steps together")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass per process")
+    epochs: float | None = Field(1.0, gt=0, description="passes over the training tokens")
+    max_tokens: int | None = Field(None, gt=0, description="token budget (overrides --epochs)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps (overrides both)")
+    lr: float = Field(4e-4, gt=0, description="peak learning rate (TinyLlama: 4e-4)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: "
+                                     "TinyLlama's 2000, capped at 5% of the run)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 disables)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 autocast with "
+                                               "fp32 master weights")
+    compile: bool = Field(False, description="torch.compile the model")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of each domain's tokens "
+                                "held out for validation (split by document)")
+    eval_every: int = Field(100, gt=0, description="evaluate every N steps (and at the end)")
+    eval_tokens: int = Field(131072, gt=0, description="max validation tokens per evaluation")
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N steps "
+                                   "(default: at every evaluation)")
+    keep_checkpoints: int | None = Field(None, gt=0, description="keep only the newest N")
+    log_every: int = Field(10, gt=0, description="log training metrics every N steps")
+    seed: int = Field(0, description="seed for initialisation and data order")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="strategy under torchrun")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: "
+                                      "a table for known GPUs; measured matmul peak on CPU)")
+    resume: bool = Field(False, description="continue from the newest checkpoint in --out")
+    overwrite: bool = Field(False, description="replace an existing run folder")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    preset: str = Field("small", description="model size: tiny, small, base, tinyllama-1.1b")
+    model_overrides: dict[str, int | float | str | bool] = Field(
+        {}, description="LlamaConfig fields that override the preset (YAML mapping)")
+    tokenizer: str | None = Field(None, description="existing HF tokenizer folder (default: "
+                                  "train a byte-level BPE on the training data)")
+    vocab_size: int = Field(4096, description="vocabulary of the trained tokenizer")
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vocab(cls, v: int) -> int:
+        from lmalloy.data.tokenizer import MIN_VOCAB
+
+        if v < MIN_VOCAB:
+            raise ValueError(f"must be at least {MIN_VOCAB} (256 byte tokens + "
+                             f"{MIN_VOCAB - 256} special tokens)")
+        return v
+
+
+class FinetuneConfig(TrainConfig):
+    init_from: str = Field(..., description="HF model folder to start from")
+    out: str = Field("runs/finetune", description="run folder")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    freeze: list[str] = Field([], description="freeze parameters whose names match these "
+                              "regular expressions")
+    train_only: list[str] = Field([], description="train only parameters matching these "
+                                  "regular expressions (e.g. `mlp.gate` for MoE routers)")
+    allow_pickle: bool = Field(False, description="allow a pickle checkpoint (weights_only)")

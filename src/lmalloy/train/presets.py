@@ -1,0 +1,52 @@
+"""Model presets: Llama-2 architecture sizes (transformers' LlamaConfig fields).
+
+Parameter counts below are for a 4096-token vocabulary (the demo's tokenizer), untied
+embeddings; `lmalloy inspect` prints the exact count of any folder.
+
+| preset          | hidden | layers | heads/kv | ffn  | params (vocab 4096) |
+|-----------------|--------|--------|----------|------|---------------------|
+| tiny            | 96     | 2      | 4/2      | 256  | ~1.0M (tests)       |
+| small           | 320    | 6      | 8/4      | 864  | ~9.4M               |
+| base            | 512    | 12     | 8/4      | 1408 | ~39.6M              |
+| tinyllama-1.1b  | 2048   | 22     | 32/4     | 5632 | 1.100B (vocab 32000)|
+
+`tinyllama-1.1b` is TinyLlama's exact architecture, vocabulary 32000 included.
+"""
+
+from __future__ import annotations
+
+from lmalloy.errors import UserError, unknown
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=256, max_position_embeddings=1024),
+    "small": dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4, intermediate_size=864, max_position_embeddings=2048),
+    "base": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                 num_key_value_heads=4, intermediate_size=1408, max_position_embeddings=2048),
+    "tinyllama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, intermediate_size=5632,
+                           max_position_embeddings=2048, vocab_size=32000),
+}
+COMMON = dict(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+              attention_bias=False, mlp_bias=False, initializer_range=0.02)
+
+
+def model_kwargs(preset: str, vocab_size: int, overrides: dict | None = None) -> dict:
+    """LlamaConfig keyword arguments for a preset, a tokenizer size and user overrides."""
+    if preset not in PRESETS:
+        raise unknown("preset", preset, PRESETS)
+    kw = {**COMMON, **PRESETS[preset]}
+    if "vocab_size" in kw:  # a fixed-vocabulary preset
+        if vocab_size > kw["vocab_size"]:
+            raise UserError(f"preset {preset} has a {kw['vocab_size']}-token vocabulary; the "
+                            f"tokenizer has {vocab_size}")
+    else:
+        kw["vocab_size"] = -(-vocab_size // 64) * 64  # round up to a multiple of 64
+    kw.update(overrides or {})
+    if kw["hidden_size"] % kw["num_attention_heads"]:
+        raise UserError(f"hidden_size {kw['hidden_size']} is not divisible by "
+                        f"num_attention_heads {kw['num_attention_heads']}")
+    if kw["num_attention_heads"] % kw["num_key_value_heads"]:
+        raise UserError("num_attention_heads must be a multiple of num_key_value_heads")
+    return kw

@@ -1,0 +1,523 @@
+"""The trainer behind `pretrain` and `finetune`: TinyLlama's recipe on any HF causal LM.
+
+- AdamW (β1, β2) = (0.9, 0.95), weight decay 0.1 on matrices only (not norms, biases),
+  gradient clipping 1.0, linear warmup then cosine decay to lr·min_lr_ratio.
+- Global batch in tokens = micro batch × seq_len × accumulation steps × processes.
+- Under `torchrun`: DDP (gloo on CPU, nccl on GPU) or FSDP2 (`fully_shard` per decoder
+  layer). Every process reads the same deterministic data order and takes its own slice
+  of each global batch, so N processes see exactly the batches one process would.
+- Checkpoints are HF folders `checkpoints/step-NNNNNN/` with `trainer_state.pt` beside the
+  weights (optimizer, scheduler, RNG states, step, callback states), written atomically.
+  The data position is a function of the step, so `--resume` continues exactly.
+- MFU uses the PaLM formula: 6·N + 12·L·d·T FLOPs per token, N = parameters excluding the
+  input embedding, against `peak_tflops` (GPU table, or a measured fp32 matmul peak on CPU).
+
+Callbacks (the averagers use them) may implement: `on_train_start(trainer)`,
+`on_step_end(trainer, step)`, `eval_states(trainer) -> {name: state_dict}` (evaluated
+beside the raw model), `save(trainer, folder)`, `state_dict()`, `load_state_dict(sd)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmalloy.errors import UserError
+from lmalloy.io.writer import atomic_output, copy_aux_files, write_state_dict
+
+CKPT_RE = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "trainer_state.pt"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak lr at step s (0-based): linear warmup, cosine to min_ratio."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _n, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(cfg, seq_len: int, n_params: int) -> float:
+    embed = cfg.vocab_size * cfg.hidden_size
+    return 6 * (n_params - embed) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0,
+                   "4090": 165.0, "V100": 125.0, "T4": 65.0}
+
+
+def measure_peak_tflops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, v in GPU_PEAK_TFLOPS.items():
+            if k in name:
+                return v
+        return 100.0
+    a = torch.randn(512, 512)
+    b = torch.randn(512, 512)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 0.25:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e12
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain tuples, so `torch.load(weights_only=True)` reads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    d = run / "checkpoints"
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------- dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def init(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            return cls(device=dev)
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+            backend = "nccl"
+        else:
+            dev = torch.device("cpu")
+            backend = "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), dist.get_world_size(), local, dev)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_mean(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainData:
+    folder: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+    token_bytes: np.ndarray
+    tokenizer_dir: Path
+
+
+class Trainer:
+    def __init__(self, cfg, model: nn.Module, data: TrainData, out: Path, dist: Dist,
+                 callbacks: list | None = None, config_to_save: dict | None = None):
+        from lmalloy.data.pack import EpochSampler
+
+        self.cfg = cfg
+        self.dist = dist
+        self.out = out
+        self.data = data
+        self.callbacks = callbacks or []
+        self.hf_config = model.config
+        self.arch = type(model).__name__
+        self.generation_config = getattr(model, "generation_config", None)
+        self.model = model.to(dist.device)
+        world = dist.world
+        T = cfg.seq_len
+        per_pass = T * cfg.micro_batch_size * world
+        if cfg.global_batch_tokens % per_pass:
+            raise UserError(
+                f"`--global-batch-tokens` {cfg.global_batch_tokens} must be a multiple of "
+                f"--seq-len × --micro-batch-size × processes = {T}×{cfg.micro_batch_size}×"
+                f"{world} = {per_pass}")
+        self.accum = cfg.global_batch_tokens // per_pass
+        self.batch_seqs = cfg.global_batch_tokens // T
+        self.sampler = EpochSampler(len(data.train), T, cfg.seed)
+        if self.sampler.num_chunks < 1:
+            raise UserError(f"the training split has {len(data.train)} tokens, fewer than one "
+                            f"sequence of --seq-len {T}")
+        if cfg.max_steps:
+            self.total_steps = cfg.max_steps
+        elif cfg.max_tokens:
+            self.total_steps = math.ceil(cfg.max_tokens / cfg.global_batch_tokens)
+        else:
+            self.total_steps = max(1, math.ceil((cfg.epochs or 1.0) * self.sampler.num_chunks
+                                                / self.batch_seqs))
+        self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+                       else min(2000, int(0.05 * self.total_steps)))
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.flops_tok = flops_per_token(self.hf_config, T, self.n_params)
+        self.peak = (cfg.peak_tflops or measure_peak_tflops(dist.device)) * 1e12
+        self.wrapped = self._wrap(model)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                     fused=dist.device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.warmup, self.total_steps, cfg.min_lr_ratio))
+        self.step = 0
+        self.config_to_save = config_to_save or {}
+        self.history: list[dict] = []
+
+    # -- setup
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.world > 1 and self.cfg.distributed == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            wrapped = model
+        elif self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(model, device_ids=[self.dist.local_rank] if
+                          self.dist.device.type == "cuda" else None)
+        else:
+            wrapped = model
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dist.world > 1 and self.cfg.distributed == "fsdp"
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full (unsharded) fp32 state dict on CPU, on every rank."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            return get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def _optim_state(self) -> dict:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            return get_optimizer_state_dict(self.model, self.opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        return self.opt.state_dict()
+
+    # -- data
+    def micro_batches(self, step: int):
+        """This process's micro-batches of global step `step`."""
+        B, mbs, world = self.batch_seqs, self.cfg.micro_batch_size, self.dist.world
+        base = step * B
+        for m in range(self.accum):
+            start = base + (m * world + self.dist.rank) * mbs
+            x, y = self.sampler.batch(self.data.train, start, mbs)
+            yield x.to(self.dist.device), y.to(self.dist.device)
+
+    # -- eval
+    def evaluate(self) -> dict:
+        from lmalloy.eval.perplexity import evaluate
+
+        spans = {n: tuple(d["val"]) for n, d in self.data.meta["domains"].items()}
+        if not any(b > a for a, b in spans.values()):
+            return {}
+        ac = self.cfg.precision == "bf16"
+        res = {"raw": evaluate(self.model, self.data.val, spans, self.cfg.seq_len,
+                               self.cfg.eval_tokens, self.data.token_bytes,
+                               self.cfg.micro_batch_size, ac)}
+        for cb in self.callbacks:
+            if hasattr(cb, "eval_states"):
+                for name, state in cb.eval_states(self).items():
+                    with swapped_weights(self.model, state):
+                        res[name] = evaluate(self.model, self.data.val, spans, self.cfg.seq_len,
+                                             self.cfg.eval_tokens, self.data.token_bytes,
+                                             self.cfg.micro_batch_size, ac)
+        return res
+
+    # -- checkpoints
+    def save_checkpoint(self, step: int, final: bool = False) -> Path:
+        state = self.full_state_dict()
+        opt_state = self._optim_state()
+        target = self.out / "checkpoints" / f"step-{step:06d}"
+        if self.dist.main:
+            with atomic_output(target, overwrite=True) as tmp:
+                self.write_hf(tmp, state)
+                ts = {"step": step, "optimizer": opt_state, "scheduler": self.sched.state_dict(),
+                      "rng": rng_state(), "callbacks": {
+                          type(cb).__name__: cb.state_dict() for cb in self.callbacks
+                          if hasattr(cb, "state_dict")}}
+                torch.save(ts, tmp / STATE_FILE)
+                for cb in self.callbacks:
+                    if hasattr(cb, "save"):
+                        cb.save(self, tmp)
+            if self.cfg.keep_checkpoints:
+                for _s, p in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
+                    shutil.rmtree(p, ignore_errors=True)
+        self.dist.barrier()
+        return target
+
+    def write_hf(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        """An HF folder: config.json, weights, generation config, tokenizer files."""
+        self.hf_config.architectures = [self.arch]
+        self.hf_config.save_pretrained(folder)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
+        write_state_dict(folder, state)
+        copy_aux_files(self.data.tokenizer_dir, folder)
+
+    def load_checkpoint(self, path: Path) -> None:
+        from lmalloy.io.folder import open_model
+
+        state_path = path / STATE_FILE
+        try:
+            m = open_model(path)
+            weights = {n: m.read(n) for n in m.names()}
+            ts = torch.load(state_path, map_location="cpu", weights_only=True)
+        except UserError as e:
+            raise UserError(f"--resume: checkpoint {path} is corrupt: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable state is a corrupt checkpoint
+            raise UserError(f"--resume: checkpoint {path} is corrupt ({state_path.name}: "
+                            f"{type(e).__name__})") from None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, weights, options=opts)
+            set_optimizer_state_dict(self.model, self.opt, ts["optimizer"], options=opts)
+        else:
+            missing = set(self.model.state_dict()) - set(weights)
+            if missing:
+                raise UserError(f"--resume: checkpoint {path} lacks `{sorted(missing)[0]}`")
+            self.model.load_state_dict(weights)
+            self.opt.load_state_dict(ts["optimizer"])
+        self.sched.load_state_dict(ts["scheduler"])
+        set_rng_state(ts["rng"])
+        for cb in self.callbacks:
+            key = type(cb).__name__
+            if hasattr(cb, "load_state_dict") and key in ts.get("callbacks", {}):
+                cb.load_state_dict(ts["callbacks"][key])
+        self.step = ts["step"]
+
+    # -- metrics
+    def log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
+        self.history.append(record)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        p = self.out / "metrics.jsonl"
+        if not (self.dist.main and p.is_file()):
+            return
+        keep = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        keep = [r for r in keep if r.get("step", 0) <= step]
+        p.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.history = keep
+
+    # -- the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        save_every = cfg.save_every or cfg.eval_every
+        for cb in self.callbacks:
+            if hasattr(cb, "on_train_start"):
+                cb.on_train_start(self)
+        bar = None
+        if self.dist.main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                       file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        tokens_per_step = cfg.global_batch_tokens
+        t_last, s_last = time.perf_counter(), self.step
+        loss_acc = 0.0
+        n_acc = 0
+        last_eval: dict = {}
+        self.wrapped.train()
+        while self.step < self.total_steps:
+            step_loss = self.train_step(self.step)
+            self.step += 1
+            loss_acc += step_loss
+            n_acc += 1
+            for cb in self.callbacks:
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(self, self.step)
+            done = self.step == self.total_steps
+            if self.step % cfg.log_every == 0 or done:
+                dt = time.perf_counter() - t_last
+                tps = (self.step - s_last) * tokens_per_step / max(dt, 1e-9)
+                rec = {"step": self.step, "tokens": self.step * tokens_per_step,
+                       "epoch": self.step * self.batch_seqs / self.sampler.num_chunks,
+                       "loss": loss_acc / n_acc, "lr": self.sched.get_last_lr()[0],
+                       "tokens_per_s": tps, "mfu": tps * self.flops_tok / self.peak}
+                self.log(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                    mfu=f"{100 * rec['mfu']:.1f}%")
+                loss_acc, n_acc = 0.0, 0
+                t_last, s_last = time.perf_counter(), self.step
+            if self.step % cfg.eval_every == 0 or done:
+                t0 = time.perf_counter()
+                last_eval = self.evaluate()
+                if last_eval:
+                    self.log({"step": self.step, "tokens": self.step * tokens_per_step,
+                              "epoch": self.step * self.batch_seqs / self.sampler.num_chunks,
+                              "eval": last_eval})
+                t_last += time.perf_counter() - t0
+            if self.step % save_every == 0 or done:
+                t0 = time.perf_counter()
+                self.save_checkpoint(self.step)
+                t_last += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return last_eval
+
+    def train_step(self, step: int) -> float:
+        cfg = self.cfg
+        ac = cfg.precision == "bf16"
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m, (x, y) in enumerate(self.micro_batches(step)):
+            last = m == self.accum - 1
+            ctx = (self.wrapped.no_sync() if self.dist.world > 1 and not last and
+                   hasattr(self.wrapped, "no_sync") else _null())
+            if self.fsdp:
+                self.wrapped.set_requires_gradient_sync(last)
+            with ctx:
+                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=ac):
+                    logits = self.wrapped(input_ids=x).logits
+                loss = nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+                (loss / self.accum).backward()
+            total += float(loss.detach())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        return self.dist.all_mean(total / self.accum)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class swapped_weights:
+    """Temporarily load `state` (name -> tensor) into `model`, restoring it on exit."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        self.model = model
+        self.state = state
+
+    def __enter__(self):
+        params = dict(self.model.named_parameters())
+        self.saved = {}
+        with torch.no_grad():
+            for n, v in self.state.items():
+                p = params[n]
+                self.saved[n] = p.detach().clone()
+                p.copy_(v.to(p.dtype))
+        return self.model
+
+    def __exit__(self, *a):
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in self.saved.items():
+                params[n].copy_(v)
+        return False
