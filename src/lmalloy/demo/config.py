@@ -1,0 +1,17 @@
+"""Config of `lmalloy demo` (pydantic only)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from lmalloy.config import Config
+
+
+class DemoConfig(Config):
+    out: str = Field("runs/demo", description="demo folder (stages' models, report)")
+    quick: bool = Field(False, description="the same pipeline with tiny models and budgets "
+                        "(under 3 minutes; for CI)")
+    stages: list[str] | None = Field(None, description="run only these stages (earlier stages "
+                                     "they need are reused, or run when missing)")
+    rerun: bool = Field(False, description="re-run the chosen stages even if they have results")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")

@@ -1,0 +1,73 @@
+"""Shared test helpers: tiny HF models and tokenizers built in-process, CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import json\nprint(json.dumps({'a': 1, 'b': [1, 2, 3]}))\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
+] * 20
+
+
+def make_tokenizer(path: Path, vocab_size: int = 320) -> Path:
+    from lmalloy.data.tokenizer import train_tokenizer
+
+    train_tokenizer(TEXTS, vocab_size, path, min_frequency=1)
+    return path
+
+
+def make_llama(path: Path, tokenizer: Path | None = None, seed: int = 0, hidden: int = 32,
+               layers: int = 2, vocab: int = 320, dtype: str = "float32", heads: int = 4,
+               kv_heads: int = 2, intermediate: int = 64, noise_from: Path | None = None,
+               noise: float = 0.0) -> Path:
+    """A tiny LlamaForCausalLM saved as an HF folder (optionally a perturbed copy of another)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    if noise_from is not None:
+        base = LlamaForCausalLM.from_pretrained(noise_from, dtype=torch.float32)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(model.named_parameters(), base.named_parameters(),
+                                      strict=True):
+                p.copy_(q + noise * torch.randn_like(q))
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        for f in tokenizer.iterdir():
+            shutil.copyfile(f, path / f.name)
+    return path
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `lmalloy ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from lmalloy.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse --help
+        rc = int(e.code or 0)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_user_error(capsys, *args: str, match: str) -> str:
+    """The command fails with exit code 2 and a one-line error containing `match`."""
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 2, (rc, out, err)
+    lines = [x for x in err.strip().splitlines() if x.startswith("lmalloy: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert match.lower() in lines[0].lower(), lines[0]
+    return lines[0]
