@@ -81,6 +81,11 @@ def parse(name: str, argv: list[str]):
     parser.add_argument("--config", help="YAML file with this command's keys (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     C.add_arguments(parser, cls)
+    has_positional = any(isinstance(f.json_schema_extra, dict) and
+                         f.json_schema_extra.get("positional") for f in cls.model_fields.values())
+    if argv and not has_positional and argv[0].endswith((".yaml", ".yml")) \
+            and not argv[0].startswith("-"):
+        argv = ["--config", *argv]  # `lmalloy merge config.yaml` == `--config config.yaml`
     ns = parser.parse_args(argv)
     data = C.load_yaml(ns.config) if ns.config else {}
     if hasattr(cls, "from_file_data"):  # e.g. merge accepting mergekit's YAML
