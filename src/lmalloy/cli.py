@@ -77,7 +77,7 @@ def parse(name: str, argv: list[str]):
 
     cls = _load(COMMANDS[name][0])
     parser = _Parser(prog=f"lmalloy {name}", description=COMMANDS[name][2],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with this command's keys (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     C.add_arguments(parser, cls)

@@ -129,7 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix:
         ann = _strip_optional(field.annotation)
         path = (*prefix, name)
         dest = "cfg__" + "__".join(path)
-        help_ = field.description or ""
+        help_ = (field.description or "").replace("%", "%%")
+        if not field.is_required() and not _is_model(ann):
+            default = field.default
+            if default not in (None, [], {}, False):
+                help_ += f" [default: {', '.join(map(str, default)) if isinstance(default, list) else default}]"
         if _is_model(ann):
             add_arguments(parser, ann, path)
             continue
@@ -147,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix:
             parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS,
                                 metavar="A,B", help=help_ + " (comma-separated or repeated)")
         else:
-            meta = None
+            meta = name.upper()
             if get_origin(ann) is Literal:
                 meta = "{" + ",".join(map(str, get_args(ann))) + "}"
             parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=meta,
@@ -172,6 +176,12 @@ def overrides_from_namespace(cls: type[BaseModel], ns: argparse.Namespace) -> di
             value = items
             if not value:
                 continue
+        elif get_origin(ann) is dict and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(f"`{flag_name(path)}` expects a YAML mapping, got {value!r}"
+                                ) from None
         elif isinstance(value, str) and value.lower() in ("none", "null") and ann is not str:
             value = None
         _set_path(out, path, value)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,8 +54,14 @@ def check_output(target: str | Path, overwrite: bool = False,
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write to {parent}: permission denied")
+    if not probe.is_dir():
+        raise UserError(f"cannot write to {parent}: {probe} is not a folder")
+    try:  # a real write probe: permission bits say nothing for root or read-only mounts
+        fd, name = tempfile.mkstemp(prefix=".lmalloy-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
     return t
 
 
