@@ -56,7 +56,17 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def _check_batch(cfg, world: int) -> None:
+    per_pass = cfg.seq_len * cfg.micro_batch_size * world
+    if cfg.global_batch_tokens % per_pass:
+        raise UserError(
+            f"`--global-batch-tokens` {cfg.global_batch_tokens} must be a multiple of "
+            f"--seq-len × --micro-batch-size × processes = {cfg.seq_len}×"
+            f"{cfg.micro_batch_size}×{world} = {per_pass}")
+
+
 def _prepare_out(out: Path, cfg, resume: bool, dist) -> None:
+    _check_batch(cfg, dist.world)
     if dist.main and not resume:
         if out.exists():
             shutil.rmtree(out)

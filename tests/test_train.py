@@ -1,0 +1,202 @@
+"""pretrain / finetune / eval: HF output, exact resume after SIGKILL, DDP, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import assert_user_error, run_cli
+
+FAST = ["--preset", "tiny", "--domains", "json", "--seq-len", "32", "--global-batch-tokens",
+        "256", "--micro-batch-size", "4", "--lr", "3e-3", "--eval-tokens", "2048",
+        "--no-progress", "--threads", "1", "--log-every", "1"]
+
+
+def pretrain_args(out: Path, tok: Path, *extra: str) -> list[str]:
+    return ["pretrain", *FAST, "--tokenizer", str(tok), "--out", str(out), *extra]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def run6(tmp_path_factory, tokenizer_dir):
+    """A 6-step tiny pretraining run, checkpoints every 2 steps."""
+    from lmalloy.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(pretrain_args(out, tokenizer_dir, "--max-steps", "6", "--eval-every", "2")) == 0
+    return out
+
+
+def test_pretrain_writes_loadable_hf_folders(run6):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for d in [run6 / "final", run6 / "checkpoints" / "step-000004"]:
+        assert (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run6 / "final")
+    tok = AutoTokenizer.from_pretrained(run6 / "final")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    x = torch.tensor([tok.encode("import json\n")])
+    # logits of the folder == logits of a model built from the same weights by hand
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM(model.config)
+    ref.load_state_dict(weights(run6 / "final"))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    recs = [json.loads(x) for x in (run6 / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert evals[-1]["eval"]["raw"]["loss"] < evals[0]["eval"]["raw"]["loss"]
+    assert all(r["eval"]["raw"]["bpb"] > 0 for r in evals)
+    assert (run6 / "loss.png").stat().st_size > 1000
+    ts = torch.load(run6 / "checkpoints" / "step-000006" / "trainer_state.pt",
+                    weights_only=True)
+    assert ts["step"] == 6
+
+
+def test_lr_schedule_tinyllama_shape():
+    from lmalloy.train.trainer import lr_lambda
+
+    f = lr_lambda(10, 100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(99) == pytest.approx(0.1, abs=1e-3)
+    assert f(55) == pytest.approx(0.55, abs=1e-6)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tokenizer_dir, run6):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = pretrain_args(out, tokenizer_dir, "--max-steps", "6", "--eval-every", "2")
+    p = subprocess.Popen([sys.executable, "-m", "lmalloy", *args], env=env,
+                         stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "step-000004"
+    deadline = time.time() + 120
+    while not ckpt.is_dir() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ckpt.is_dir(), "the run should have reached its step-4 checkpoint"
+    if (out / "final").exists():  # finished before the kill: make it resume from step 4
+        shutil.rmtree(out / "final")
+        shutil.rmtree(out / "checkpoints" / "step-000006", ignore_errors=True)
+    from lmalloy.cli import main
+
+    assert main([*args, "--resume"]) == 0
+    a, b = weights(out / "final"), weights(run6 / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(6) == 2  # one train + one eval record
+
+
+def test_run_folder_bad_inputs(capsys, tmp_path, tokenizer_dir, run6):
+    # output exists without --resume/--overwrite
+    assert_user_error(capsys, *pretrain_args(run6, tokenizer_dir), match="already exists")
+    # --resume on a missing run
+    assert_user_error(capsys, *pretrain_args(tmp_path / "none", tokenizer_dir, "--resume"),
+                      match="no run to resume")
+    assert not (tmp_path / "none").exists()
+    # --resume with a changed config names the keys
+    copy = tmp_path / "copy"
+    shutil.copytree(run6, copy)
+    (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace(
+        f"out: {run6}", f"out: {copy}"))
+    line = assert_user_error(capsys, *pretrain_args(copy, tokenizer_dir, "--max-steps", "6",
+                                                    "--eval-every", "2", "--lr", "1e-3",
+                                                    "--resume"), match="changed config")
+    assert "lr" in line
+    # --resume on a corrupt checkpoint
+    for s in ("000002", "000004"):
+        shutil.rmtree(copy / "checkpoints" / f"step-{s}", ignore_errors=True)
+    (copy / "checkpoints" / "step-000006" / "trainer_state.pt").write_bytes(b"garbage")
+    assert_user_error(capsys, *pretrain_args(copy, tokenizer_dir, "--max-steps", "6",
+                                             "--eval-every", "2", "--resume"), match="corrupt")
+
+
+def test_pretrain_bad_inputs_write_nothing(capsys, tmp_path, tokenizer_dir):
+    out = tmp_path / "o"
+    assert_user_error(capsys, *pretrain_args(out, tokenizer_dir, "--seq-len", "4096"),
+                      match="above")
+    assert_user_error(capsys, "pretrain", "--preset", "tiny", "--vocab-size", "100",
+                      "--out", out, match="at least 258")
+    assert_user_error(capsys, *pretrain_args(out, tokenizer_dir, "--data",
+                                             str(tmp_path / "*.none")), match="matches no files")
+    assert_user_error(capsys, "pretrain", "--out", "/proc/lmalloy/out", "--preset", "tiny",
+                      match="cannot write")
+    assert_user_error(capsys, *pretrain_args(out, tokenizer_dir, "--global-batch-tokens", "100"),
+                      match="multiple of")
+    assert not out.exists()
+
+
+def test_finetune_freeze_and_eval(capsys, tmp_path, run6):
+    out = tmp_path / "ft"
+    rc, _, err = run_cli(capsys, "finetune", "--init-from", run6 / "final", "--out", out,
+                         "--domains", "tomllib", "--seq-len", "32", "--global-batch-tokens",
+                         "256", "--micro-batch-size", "4", "--max-steps", "3", "--no-progress",
+                         "--freeze", "embed_tokens", "--threads", "1")
+    assert rc == 0, err
+    a, b = weights(out / "final"), weights(run6 / "final")
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    rc, js, err = run_cli(capsys, "eval", run6 / "final", out / "final", "--domains",
+                          "tomllib", "--seq-len", "32", "--json", "--per-domain")
+    assert rc == 0, err
+    r = json.loads(js)
+    base, tuned = r[str(run6 / "final")], r[str(out / "final")]
+    assert tuned["loss"] < base["loss"]
+    assert base["bpb"] == pytest.approx(base["loss"] * base["tokens"] / 0.6931471805599453
+                                        / (base["loss"] * base["tokens"] / 0.6931471805599453
+                                           / base["bpb"]))
+    assert_user_error(capsys, "finetune", "--init-from", run6 / "final", "--out", tmp_path / "x",
+                      "--freeze", "no_such_param", match="matches no parameter")
+
+
+def test_finetune_refuses_pickle(capsys, tmp_path, run6):
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    shutil.copy(run6 / "final" / "config.json", pk)
+    torch.save(weights(run6 / "final"), pk / "pytorch_model.bin")
+    assert_user_error(capsys, "finetune", "--init-from", pk, "--out", tmp_path / "o",
+                      match="--allow-pickle")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, tokenizer_dir):
+    """A real 2-process torchrun (gloo) gives the single process's loss curve."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = pretrain_args(tmp_path / "x", tokenizer_dir, "--max-steps", "4",
+                           "--eval-every", "4", "--micro-batch-size", "2")
+    one = [a if a != str(tmp_path / "x") else str(tmp_path / "one") for a in common]
+    two = [a if a != str(tmp_path / "x") else str(tmp_path / "two") for a in common]
+    subprocess.run([sys.executable, "-m", "lmalloy", *one], env=env, check=True,
+                   stderr=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", "-m", "lmalloy", *two], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def losses(p):
+        return [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in x and '"eval"' not in x]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=1e-4)
+    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
