@@ -176,7 +176,8 @@ def test_finetune_refuses_pickle(capsys, tmp_path, run6):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, tokenizer_dir, strategy):
     """A real 2-process torchrun (gloo) gives the single process's loss curve."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = pretrain_args(tmp_path / "x", tokenizer_dir, "--max-steps", "4",
@@ -186,7 +187,8 @@ def test_ddp_two_processes_match_one(tmp_path, tokenizer_dir):
     subprocess.run([sys.executable, "-m", "lmalloy", *one], env=env, check=True,
                    stderr=subprocess.DEVNULL)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "-m", "lmalloy", *two], env=env,
+                        "--nproc-per-node", "2", "-m", "lmalloy", *two, "--distributed",
+                        strategy], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 
