@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from lmalloy.average.config import AVERAGERS, EMASettings, LaWASettings, SWASettings
 from lmalloy.data.config import DataFields
 
 # keys that may change between a run and its `--resume`
@@ -48,6 +49,19 @@ class TrainConfig(DataFields):
     resume: bool = Field(False, description="continue from the newest checkpoint in --out")
     overwrite: bool = Field(False, description="replace an existing run folder")
     progress: bool = Field(True, description="show a progress bar")
+    average: list[str] = Field([], description="weight averages kept, evaluated and saved "
+                               "beside the raw model: any of ema, swa, lawa")
+    ema: EMASettings = Field(default_factory=EMASettings, description="EMA settings")
+    swa: SWASettings = Field(default_factory=SWASettings, description="SWA settings")
+    lawa: LaWASettings = Field(default_factory=LaWASettings, description="LaWA settings")
+
+    @field_validator("average")
+    @classmethod
+    def _average(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if a not in AVERAGERS:
+                raise ValueError(f"unknown averager `{a}`; choose from {', '.join(AVERAGERS)}")
+        return list(dict.fromkeys(v))
 
     @model_validator(mode="after")
     def _check(self):

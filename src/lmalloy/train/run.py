@@ -150,7 +150,12 @@ def _read_metrics(out: Path) -> list[dict]:
 def build_callbacks(cfg) -> list:
     """Averagers and other trainer callbacks named by the config (none by default)."""
     hook = getattr(cfg, "callbacks_factory", None)
-    return hook() if callable(hook) else []
+    callbacks = hook() if callable(hook) else []
+    if getattr(cfg, "average", None):
+        from lmalloy.average.averagers import Averaging
+
+        callbacks.append(Averaging(cfg.average, cfg.ema, cfg.swa, cfg.lawa))
+    return callbacks
 
 
 def pretrain(cfg) -> int:

@@ -14,7 +14,8 @@
 
 Callbacks (the averagers use them) may implement: `on_train_start(trainer)`,
 `on_step_end(trainer, step)`, `eval_states(trainer) -> {name: state_dict}` (evaluated
-beside the raw model), `save(trainer, folder)`, `state_dict()`, `load_state_dict(sd)`.
+beside the raw model), `save(trainer, folder)`, `state_dict()`, `load_state_dict(sd)`,
+`wrap_lr_lambda(trainer, f) -> f` (e.g. SWA's learning-rate phase).
 """
 
 from __future__ import annotations
@@ -238,8 +239,11 @@ class Trainer:
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                      fused=dist.device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(self.warmup, self.total_steps, cfg.min_lr_ratio))
+        f = lr_lambda(self.warmup, self.total_steps, cfg.min_lr_ratio)
+        for cb in self.callbacks:  # e.g. the SWA learning-rate phase
+            if hasattr(cb, "wrap_lr_lambda"):
+                f = cb.wrap_lr_lambda(self, f)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, f)
         self.step = 0
         self.config_to_save = config_to_save or {}
         self.history: list[dict] = []
