@@ -1,0 +1,271 @@
+"""`lmalloy moe build`: Mixtral-format MoEs from dense Llama/Mistral-family models.
+
+- `upcycle` (Sparse Upcycling, Komatsuzaki et al. 2022): every expert is a copy of the
+  dense FFN (optionally with noise), plus a new router. With identical experts the MoE
+  computes exactly the dense model whatever the router: the top-k weights sum to one.
+- `compose` (mergekit-moe): attention, norms and embeddings from the base; expert i's
+  FFN from fine-tune i; router rows from prompts (see `lmalloy.moe.router`).
+- `btx` (Branch-Train-MiX, Sukhbaatar et al. 2024, arXiv 2403.07816): as compose, but
+  every non-FFN tensor is the mean of the fine-tunes' tensors; the router is then
+  fine-tuned (`lmalloy finetune --train-only mlp.gate`).
+
+Every input is checked (architecture, tensor names and shapes, prompts, context length,
+output folder) before any tensor is read; then tensors stream one at a time from the
+memory-mapped inputs into `ShardedWriter` inside `atomic_output`. Peak memory is one
+layer's expert tensors (plus the base model when `gate_mode: hidden` runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lmalloy.errors import UserError
+from lmalloy.moe.layout import SUPPORTED_DENSE, expert_plan, is_dense_ffn, router_name
+
+_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                "sliding_window", "attention_dropout", "rope_parameters")
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_dense(folder, label: str) -> None:
+    """UserError unless `folder` is a dense model a Mixtral can be built from."""
+    arch = folder.architecture
+    if arch not in SUPPORTED_DENSE:
+        what = "is already a mixture of experts" if "moe" in arch.lower() or \
+            arch.startswith("Mixtral") else "cannot become a Mixtral"
+        raise UserError(f"{label} {folder.path}: {arch} {what}; supported dense "
+                        f"architectures: {', '.join(SUPPORTED_DENSE)}")
+    cfg = folder.config
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise UserError(f"{label} {folder.path}: `{key}: true`, but Mixtral layers have "
+                            "no biases")
+    if not any(n.endswith("mlp.gate_proj.weight") for n in folder.tensors):
+        raise UserError(f"{label} {folder.path}: no `mlp.gate_proj` tensors (not a SwiGLU "
+                        "FFN)")
+
+
+def check_same(base, other, label: str) -> None:
+    """UserError unless `other` has the base's architecture, tensor names and shapes."""
+    if other.architecture != base.architecture:
+        raise UserError(f"{label} {other.path} is {other.architecture}; the base is "
+                        f"{base.architecture}")
+    names = {n for n in base.tensors if not n.endswith(_SKIP_SUFFIXES)}
+    theirs = {n for n in other.tensors if not n.endswith(_SKIP_SUFFIXES)}
+    if names != theirs:
+        diff = sorted(names ^ theirs)[0]
+        side = "lacks" if diff in names else "has an extra"
+        raise UserError(f"{label} {other.path} {side} tensor `{diff}` compared with the base")
+    for n in sorted(names):
+        a, b = base.tensors[n].shape, other.tensors[n].shape
+        if a != b:
+            raise UserError(f"{label} {other.path}: `{n}` has shape {list(b)}, the base's is "
+                            f"{list(a)}")
+
+
+def mixtral_config(dense: dict, n_experts: int, top_k: int, aux_coef: float, dtype: str
+                   ) -> dict:
+    """config.json of the Mixtral built from a dense Llama/Mistral config dict."""
+    from transformers import MixtralConfig
+
+    kw = {k: dense[k] for k in _CONFIG_KEYS if k in dense}
+    if "rope_parameters" not in kw and "rope_theta" in dense:
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": dense["rope_theta"],
+                                 **(dense.get("rope_scaling") or {})}
+    if not kw.get("sliding_window"):
+        kw["sliding_window"] = None
+    kw.update(num_local_experts=n_experts, num_experts_per_tok=top_k,
+              router_aux_loss_coef=aux_coef, output_router_logits=False)
+    cfg = MixtralConfig(**kw)
+    cfg.architectures = ["MixtralForCausalLM"]
+    cfg.dtype = dtype
+    return cfg.to_dict()
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def _dtype_name(folder) -> str:
+    d = folder.config.get("dtype") or folder.config.get("torch_dtype")
+    if d in ("float32", "bfloat16", "float16"):
+        return d
+    t = folder.tensors.get("model.embed_tokens.weight")
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
+        t.dtype if t else "F32", "float32")
+
+
+def encode_prompts(cfg, tok, bos: int | None, limit: int | None
+                   ) -> list[tuple[list[list[int]], list[list[int]]]]:
+    """Token ids of each expert's (positive, negative) prompts; checks the context length."""
+    pairs = []
+    for i, e in enumerate(cfg.experts):
+        sides = []
+        for kind, prompts in (("positive", e.positive_prompts), ("negative", e.negative_prompts)):
+            ids = []
+            for j, p in enumerate(prompts):
+                x = ([bos] if bos is not None else []) + tok.encode(p)
+                if limit and len(x) > limit:
+                    raise UserError(f"expert {i}'s {kind} prompt {j} is {len(x)} tokens, "
+                                    f"longer than the base's context of {limit}")
+                if len(x) == 0:
+                    raise UserError(f"expert {i}'s {kind} prompt {j} is empty")
+                ids.append(x)
+            sides.append(ids)
+        pairs.append((sides[0], sides[1]))
+    return pairs
+
+
+def compute_router(cfg, base, n_layers: int, n_experts: int, hidden: int, pairs):
+    """(L, E, H) float32 router weights for the config's gate_mode."""
+    from lmalloy.moe import router as R
+
+    if cfg.gate_mode in ("zero", "random"):
+        std = (base.config.get("initializer_range", 0.02) if cfg.method == "upcycle"
+               else 1.0)
+        return R.plain_router(cfg.gate_mode, n_layers, n_experts, hidden, cfg.seed, std)
+    if cfg.gate_mode == "cheap_embed":
+        embed = base.read("model.embed_tokens.weight")
+        return R.prompt_router(pairs, lambda ps: R.cheap_embedding(embed, ps, n_layers))
+    from lmalloy.eval.perplexity import load_causal_lm
+
+    model = load_causal_lm(str(base.path))
+    return R.prompt_router(pairs, lambda ps: R.prompt_hidden_states(model, ps))
+
+
+def build(cfg, quiet: bool = False) -> dict:
+    """Validate, then write the MoE folder; returns a summary dict."""
+    import torch
+
+    from lmalloy.io import atomic_output, check_output, copy_aux_files, open_model
+    from lmalloy.io.writer import ShardedWriter, st_dtype
+
+    base = open_model(cfg.base_model)
+    check_dense(base, "base_model")
+    sources = []
+    for i, e in enumerate(cfg.experts if cfg.method != "upcycle" else []):
+        m = open_model(e.source_model)
+        check_same(base, m, f"expert {i}")
+        sources.append(m)
+    out = check_output(cfg.out, cfg.overwrite,
+                       inputs=[cfg.base_model, *[e.source_model for e in cfg.experts
+                                                 if e.source_model]], flag="--out")
+    c = base.config
+    n_layers, hidden, inter = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
+    n_experts, top_k = cfg.n_experts, cfg.experts_per_token
+    pairs = None
+    if cfg.gate_mode in ("hidden", "cheap_embed"):
+        from lmalloy.data.tokenizer import Tok
+
+        tok = Tok.load(cfg.base_model)
+        pairs = encode_prompts(cfg, tok, c.get("bos_token_id"), c.get("max_position_embeddings"))
+    dtype_name = cfg.dtype or _dtype_name(base)
+    dtype = getattr(torch, dtype_name)
+    mcfg = mixtral_config(c, n_experts, top_k, cfg.router_aux_loss_coef, dtype_name)
+
+    # -- heavy work starts here
+    gates = compute_router(cfg, base, n_layers, n_experts, hidden, pairs)  # (L, E, H)
+    from lmalloy.moe.router import collinear_pairs
+
+    near = collinear_pairs(gates)
+    if near and not quiet:
+        layers = sorted({x[0] for x in near})
+        worst = max(near, key=lambda x: x[3])
+        print(f"warning: router rows nearly collinear in {len(layers)} of {n_layers} layers "
+              f"(worst: layer {worst[0]}, experts {worst[1]} and {worst[2]}, cosine "
+              f"{worst[3]:.3f}); those experts will get similar tokens — make their prompts "
+              "more distinct", file=sys.stderr)
+
+    names = [n for n in base.tensors if not n.endswith(_SKIP_SUFFIXES)]
+    non_ffn = [n for n in names if not is_dense_ffn(n)]
+    head = [n for n in non_ffn if _layer_of(n) is None and "embed" in n]
+    tail = [n for n in non_ffn if _layer_of(n) is None and n not in head]
+    per_layer: dict[int, list[str]] = {}
+    for n in non_ffn:
+        if _layer_of(n) is not None:
+            per_layer.setdefault(_layer_of(n), []).append(n)
+    sd = st_dtype(dtype)
+    plan = [(n, sd, base.tensors[n].shape) for n in head]
+    for layer in range(n_layers):
+        plan += [(n, sd, base.tensors[n].shape) for n in per_layer.get(layer, [])]
+        plan.append((router_name(layer, cfg.layout), sd, (n_experts, hidden)))
+        plan += [(n, sd, s) for n, s in expert_plan(layer, n_experts, hidden, inter,
+                                                    cfg.layout)]
+    plan += [(n, sd, base.tensors[n].shape) for n in tail]
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def non_ffn_tensor(name: str):
+        if cfg.method == "btx":
+            acc = None
+            for m in sources:
+                t = m.read(name).float()
+                acc = t if acc is None else acc.add_(t)
+            return (acc / len(sources)).to(dtype)
+        return base.read(name).to(dtype)
+
+    def ffns(layer: int) -> list[dict]:
+        from lmalloy.moe.layout import dense_ffn_name
+
+        if cfg.method == "upcycle":
+            dense = {p: base.read(dense_ffn_name(layer, p)) for p in
+                     ("gate_proj", "up_proj", "down_proj")}
+            out_ = []
+            for _ in range(n_experts):
+                f = {}
+                for p, w in dense.items():
+                    if cfg.noise:
+                        w32 = w.float()
+                        w32 = w32 + cfg.noise * w32.std() * torch.randn(
+                            w32.shape, generator=gen)
+                        f[p] = w32.to(dtype)
+                    else:
+                        f[p] = w.to(dtype)
+                out_.append(f)
+            return out_
+        return [{p: m.read(dense_ffn_name(layer, p)).to(dtype) for p in
+                 ("gate_proj", "up_proj", "down_proj")} for m in sources]
+
+    from lmalloy.moe.layout import expert_tensors
+
+    with atomic_output(out, cfg.overwrite) as tmp:
+        w = ShardedWriter(tmp, plan)
+        for n in head:
+            w.write(n, non_ffn_tensor(n))
+        for layer in range(n_layers):
+            for n in per_layer.get(layer, []):
+                w.write(n, non_ffn_tensor(n))
+            w.write(router_name(layer, cfg.layout), gates[layer].to(dtype))
+            for n, t in expert_tensors(layer, ffns(layer), cfg.layout):
+                w.write(n, t)
+        for n in tail:
+            w.write(n, non_ffn_tensor(n))
+        w.close()
+        (tmp / "config.json").write_text(json.dumps(mcfg, indent=2, sort_keys=True) + "\n")
+        copy_aux_files(base.path, tmp)
+        cfg.save(tmp / "moe_build.yaml")
+    from lmalloy.moe.stats import param_counts
+
+    counts = param_counts(mcfg)
+    if not quiet:
+        print(f"wrote {cfg.method} Mixtral: {n_experts} experts, top-{top_k}, "
+              f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
+              f"per token, router {cfg.gate_mode} -> {out}", file=sys.stderr)
+    return {"out": str(out), "collinear": near, **counts}
+
+
+def main(cfg) -> int:
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    build(cfg)
+    return 0
+
+
+__all__ = ["build", "main", "check_dense", "check_same", "mixtral_config"]
