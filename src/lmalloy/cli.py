@@ -48,6 +48,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                        "generate with a large model steered by a small tuned/untuned pair"),
     "proxy eval": ("lmalloy.proxy.config:ProxyEvalConfig", "lmalloy.proxy.run:eval_main",
                    "perplexity/accuracy of large, proxy-tuned and tuned large; gap closed"),
+    "merge": ("lmalloy.merge.config:MergeConfig", "lmalloy.merge.engine:main",
+              "merge fine-tunes of one base (soup, TIES, DARE, SLERP, ...) or LoRA adapters; "
+              "takes mergekit YAML"),
+    "merge lorahub": ("lmalloy.merge.config:LorahubConfig", "lmalloy.merge.lora:lorahub_main",
+                      "learn LoraHub weights for LoRA adapters from a few examples"),
     "demo": ("lmalloy.demo.config:DemoConfig", "lmalloy.demo.run:main",
              "the end-to-end demo on the built-in corpus; writes runs/demo/report.html"),
     "moe build": ("lmalloy.moe.config:MoeBuildConfig", "lmalloy.moe.build:main",

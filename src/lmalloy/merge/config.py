@@ -1,0 +1,222 @@
+"""Configs of `lmalloy merge`, `merge lora` and `merge lorahub` (pydantic only: cheap to import).
+
+lmalloy's merge YAML has the shape of mergekit's, so one file works in both tools for the
+methods they share:
+
+    merge_method: ties            # lmalloy also accepts `method`
+    base_model: runs/base
+    models:
+      - model: runs/email
+        parameters: {weight: 1.0, density: 0.5}
+      - model: runs/json
+        parameters: {weight: [0.2, 1.0]}       # a gradient over the layers
+    parameters: {normalize: true, density: [{filter: mlp, value: 0.3}, {value: 0.6}]}
+    dtype: bfloat16
+
+`from_file_data` maps mergekit's keys (`merge_method`, `tokenizer_source`, `out_dtype`) onto
+this config's fields; `--output` is lmalloy's own (mergekit takes it on its command line).
+Parameter *values* are checked per tensor when the merge is planned (gradients and filters
+make them differ by tensor), before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmalloy.config import Config, positional
+from lmalloy.data.config import DataFields
+from lmalloy.errors import closest
+
+# kept in step with lmalloy.merge.methods.METHODS (a test checks); listed here so that
+# validating a config does not import torch
+METHOD_NAMES = ("linear", "soup", "greedy_soup", "task_arithmetic", "ties", "dare_linear",
+                "dare_ties", "slerp", "model_stock", "passthrough")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelEntry(Config):
+    model: str = Field(..., description="HF model folder")
+    parameters: dict[str, Any] = Field({}, description="per-model parameters (weight, density, "
+                                       "...); values may be gradients or filtered lists")
+
+
+def _check_plain(where: str, name: str, value: Any) -> None:
+    """Structural check of one parameter value (a number, a gradient, or a filter list)."""
+    if isinstance(value, bool) or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"parameter `{name}`{where} must be a finite number, got {value}")
+        return
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"parameter `{name}`{where} is an empty list")
+        for v in value:
+            if isinstance(v, dict):
+                extra = set(v) - {"filter", "value"}
+                if "value" not in v or extra:
+                    raise ValueError(f"parameter `{name}`{where}: each filtered entry needs "
+                                     f"`value` (and optionally `filter`), got {v}")
+                _check_plain(where, name, v["value"])
+            else:
+                _check_plain(where, name, v)
+        return
+    raise ValueError(f"parameter `{name}`{where}: expected a number, a list of numbers or a "
+                     f"list of {{filter, value}}, got {value!r}")
+
+
+class MergeConfig(DataFields):
+    method: str = Field("linear", description="merge method: " + ", ".join(METHOD_NAMES))
+    models: list[ModelEntry] = Field(..., min_length=1, description="models to merge (folders; "
+                                     "YAML entries may carry `parameters`)")
+    base_model: str | None = Field(None, description="shared base (task_arithmetic, ties, dare, "
+                                   "slerp's t=0 end, model_stock)")
+    parameters: dict[str, Any] = Field({}, description="parameters for every model and the "
+                                       "method (YAML mapping; per-model ones take precedence)")
+    weights: list[float] | None = Field(None, description="one weight per model, in order "
+                                        "(sets each model's `weight` parameter)")
+    output: str = Field("runs/merged", description="output HF model folder")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="output dtype (default: the base's, else the first model's)")
+    compute_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="dtype the method computes in")
+    tokenizer_source: str | None = Field(
+        None, description="`base` (or a model folder): take the tokenizer from there and merge "
+        "embedding rows by id even if the inputs' tokenizers differ")
+    ties_trim: Literal["tensor", "model"] = Field(
+        "tensor", description="TIES/DARE-TIES trim scope: per tensor (mergekit) or over the "
+        "whole flattened task vector (the TIES paper)")
+    seed: int = Field(0, description="seed of DARE's random drops (per tensor and model)")
+    max_shard_size: int = Field(5 * 1024**3, gt=0, description="bytes per output shard")
+    allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
+    progress: bool = Field(True, description="show a progress bar")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    # greedy_soup: held-out data (the DataFields above choose the corpus)
+    seq_len: int = Field(256, gt=1, description="greedy_soup: evaluation window")
+    eval_tokens: int = Field(65536, gt=0, description="greedy_soup: held-out tokens per model")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="greedy_soup: as in training")
+    eval_split: Literal["val", "train"] = Field("val", description="greedy_soup: split scored")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v):
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"model": m} if isinstance(m, str) else m for m in v]
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters(cls, v):
+        """`--parameters density=0.5,lambda=0.8` on the command line."""
+        if isinstance(v, str):
+            import yaml
+
+            out = {}
+            for item in v.split(","):
+                if "=" not in item:
+                    raise ValueError("expected key=value pairs separated by commas")
+                k, val = item.split("=", 1)
+                out[k.strip()] = yaml.safe_load(val)
+            return out
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHOD_NAMES:
+            raise ValueError(f"unknown merge method `{v}`{closest(v, METHOD_NAMES)}; choose "
+                             f"from: {', '.join(METHOD_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.weights is not None:
+            if len(self.weights) != len(self.models):
+                raise ValueError(f"`--weights` has {len(self.weights)} values for "
+                                 f"{len(self.models)} models")
+            for m, w in zip(self.models, self.weights, strict=True):
+                if not math.isfinite(w):
+                    raise ValueError(f"`--weights` must be finite numbers, got {w}")
+                m.parameters["weight"] = w
+            self.weights = None
+        for name, value in self.parameters.items():
+            _check_plain("", name, value)
+        for m in self.models:
+            for name, value in m.parameters.items():
+                _check_plain(f" of {m.model}", name, value)
+        return self
+
+    @classmethod
+    def from_file_data(cls, data: dict) -> dict:
+        """Translate mergekit's YAML keys into this config's (lmalloy's own pass through)."""
+        data = dict(data)
+        if "merge_method" in data:
+            data["method"] = data.pop("merge_method")
+        if "out_dtype" in data:  # mergekit: dtype = compute dtype, out_dtype = output dtype
+            data["dtype"] = data.pop("out_dtype")
+        if "tokenizer" in data and isinstance(data["tokenizer"], dict):
+            src = data.pop("tokenizer").get("source")
+            if src is not None:
+                data["tokenizer_source"] = src
+        if "slices" in data:
+            from lmalloy.errors import UserError
+
+            raise UserError("mergekit `slices` (layer stacking) are not supported; list whole "
+                            "models under `models:`")
+        for k in ("chat_template", "name"):
+            data.pop(k, None)
+        return data
+
+
+class LoraMergeConfig(Config):
+    adapters: list[str] = Field(..., min_length=1, **positional(
+        "PEFT adapter folders (adapter_config.json + adapter_model.safetensors)"))
+    method: Literal["cat", "svd", "linear", "bake"] = Field(
+        "cat", description="cat: exact, ranks add up; svd: exact ΔW then truncated SVD; linear: "
+        "average A and B separately (an approximation); bake: fold one adapter into --base")
+    weights: list[float] | None = Field(None, description="one weight per adapter (default 1 "
+                                        "for cat/svd, 1/N for linear)")
+    rank: int | None = Field(None, gt=0, description="svd: output rank (default: the largest "
+                             "input rank)")
+    base: str | None = Field(None, description="bake: the base model folder")
+    output: str = Field("runs/merged-adapter", description="output folder")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="output dtype (default: the inputs')")
+    max_shard_size: int = Field(5 * 1024**3, gt=0, description="bake: bytes per output shard")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v):
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError("must be finite numbers")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.weights is not None and len(self.weights) != len(self.adapters):
+            raise ValueError(f"`--weights` has {len(self.weights)} values for "
+                             f"{len(self.adapters)} adapters")
+        if self.method == "bake" and (self.base is None or len(self.adapters) != 1):
+            raise ValueError("`bake` takes exactly one adapter and `--base`")
+        return self
+
+
+class LorahubConfig(DataFields):
+    adapters: list[str] = Field(..., min_length=1, **positional("PEFT adapter folders"))
+    base: str = Field(..., description="the adapters' base model folder")
+    examples: int = Field(5, gt=0, description="few-shot examples: windows of --seq-len tokens "
+                          "from the chosen corpus/domains")
+    seq_len: int = Field(128, gt=1, description="tokens per example")
+    budget: int = Field(40, gt=0, description="nevergrad evaluations (LoraHub: 40)")
+    l1: float = Field(0.05, ge=0, description="penalty on mean |w| (LoraHub: 0.05)")
+    bound: float = Field(1.5, gt=0, description="weights searched in [-bound, bound]")
+    seed: int = Field(0, description="optimizer and example seed")
+    output: str = Field("runs/lorahub", description="output adapter folder")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")

@@ -1,0 +1,297 @@
+"""Merge methods: pure functions from one tensor of each input to one output tensor.
+
+Every method has the signature
+
+    fn(xs_N: list[Tensor], base: Tensor | None, p: list[dict], g: dict, ctx: TensorCtx) -> Tensor
+
+`xs_N` holds the N fine-tunes' tensors (fp32 or the compute dtype, same shape), `base` the
+base model's tensor (None when the method needs none), `p[i]` model i's parameters resolved
+for this tensor (gradients and filters already evaluated), `g` the global ones, `ctx` the
+tensor's name and the seed. The engine (engine.py) does loading, checking, dtype, shards.
+Parameters follow mergekit's names and defaults so that its YAML gives the same tensors:
+
+- linear (Wortsman et al. 2022, "Model soups", 2203.05482): Σ wᵢxᵢ, divided by Σ wᵢ when
+  `normalize` (default true). `soup` is linear with equal weights.
+- task_arithmetic (Ilharco et al. 2022, 2212.04089): base + λ·Σ wᵢτᵢ, τᵢ = xᵢ − base
+  (`normalize` default false).
+- ties (Yadav et al. 2023, 2306.01708): trim each τᵢ to its top `density` fraction by
+  magnitude, elect a sign per entry from Σ wᵢτᵢ (mergekit's weighted vote), keep the entries
+  agreeing with it, sum wᵢτᵢ over them and divide by Σ wᵢ over the kept entries
+  (`normalize`: default true for ties, false for dare_ties, as mergekit 0.1.5); base + λ·that. Top-k is a `kthvalue` threshold, never a sort.
+- dare_linear / dare_ties (Yu et al. 2023, 2311.03099): drop each delta entry with
+  probability 1 − density and rescale survivors by 1/density, the paper's rescale (mergekit
+  0.1.5 matches the L1 norm instead: equal in expectation); seeded per tensor and model so a
+  merge is reproducible; then task arithmetic / TIES' sign election.
+- slerp (Shoemake 1985; mergekit): spherical interpolation of the whole tensor between the
+  base (t = 0) and the other model (t = 1); linear when |cos| > 0.9995.
+- model_stock (Jang et al. 2024, 2403.19522): t = N·cos / (1 + (N−1)·cos) from the mean
+  pairwise cosine of the task vectors; t·mean(xᵢ) + (1 − t)·base; `filter_wise`: one t per
+  row; where 1 + (N−1)·cos ≈ 0 the base is kept (as mergekit 0.1.5).
+- passthrough: the single input unchanged (times `scale`, default 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class TensorCtx:
+    name: str
+    seed: int = 0
+    is_embed: bool = False
+    # whole-model TIES trim: per model, the magnitude threshold over its whole task vector
+    thresholds: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: object = None  # None = required
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    kind: str = "float"  # float | bool
+
+    def check(self, value, where: str) -> str | None:
+        """An error message, or None if the value is valid."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"`{self.name}`{where} must be " \
+                f"true or false, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"`{self.name}`{where} must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"`{self.name}`{where} must be finite, got {value}"
+        lo_bad = self.low is not None and (value <= self.low if self.low_open
+                                           else value < self.low)
+        hi_bad = self.high is not None and value > self.high
+        if lo_bad or hi_bad:
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            rng = f"{'(' if self.low_open else '['}{lo}, {hi}]"
+            return f"`{self.name}`{where} must be in {rng}, got {value:g}"
+        return None
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[..., Tensor]
+    paper: str
+    needs_base: bool = False
+    n_models: tuple[int, int | None] = (1, None)  # fine-tunes (base excluded), inclusive
+    model_params: tuple[Param, ...] = ()
+    global_params: tuple[Param, ...] = ()
+    aliases: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _weights(p: list[dict], like: Tensor, key: str = "weight") -> Tensor:
+    """(N, 1, ..., 1) weights broadcastable against a stack of N tensors like `like`."""
+    w = torch.tensor([float(q[key]) for q in p], dtype=like.dtype)
+    return w.view(-1, *([1] * like.dim()))
+
+
+def topk_mask(x: Tensor, density: float, threshold: float | None = None) -> Tensor:
+    """Boolean mask of the top `density` fraction of |x| (a kthvalue threshold, no sort).
+
+    Entries tied with the k-th largest magnitude are all kept (mergekit's argsort keeps
+    exactly k and breaks ties arbitrarily; with continuous weights ties do not occur).
+    """
+    a = x.abs()
+    if threshold is not None:
+        return a >= threshold
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    n = a.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one
+    thr = torch.kthvalue(a.reshape(-1), n - k + 1).values  # the k-th largest magnitude
+    return a >= thr
+
+
+def dare_mask(shape: torch.Size, density: float, ctx: TensorCtx, i: int) -> Tensor:
+    """Bernoulli(density) keep-mask, seeded by (seed, tensor name, model index)."""
+    h = hashlib.blake2b(f"{ctx.seed}/{ctx.name}/{i}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
+    return torch.rand(shape, generator=gen) < density
+
+
+def _l1_rescale(before: Tensor, after: Tensor, eps: float = 1e-7) -> Tensor:
+    """mergekit's `rescale` for magnitude trimming: match the L1 norm of the untrimmed delta."""
+    a, b = before.abs().sum(), after.abs().sum()
+    return after if a < eps or b < eps else after * (a / b)
+
+
+def sign_consensus(wd_N: Tensor) -> Tensor:
+    """mergekit's `sum` vote: elect sign(Σ wᵢτᵢ) (ties -> +); mask of entries agreeing."""
+    majority = torch.where(wd_N.sum(dim=0) >= 0, 1.0, -1.0).to(wd_N.dtype)
+    return wd_N.sign() == majority
+
+
+def _generalized(xs: list[Tensor], base: Tensor, p: list[dict], g: dict, ctx: TensorCtx,
+                 sparsify: str | None, consensus: bool) -> Tensor:
+    """mergekit's generalized task arithmetic: sparsify, weight, (sign-vote), sum, scale."""
+    deltas = []
+    for i, (x, q) in enumerate(zip(xs, p, strict=True)):
+        d = x - base
+        density = float(q.get("density", 1.0))
+        if sparsify == "magnitude":
+            thr = ctx.thresholds[i] if ctx.thresholds is not None else None
+            if density < 1 or thr is not None:
+                kept = d * topk_mask(d, density, thr)
+                d = _l1_rescale(d, kept) if g.get("rescale", False) else kept
+        elif sparsify == "random" and density < 1:
+            d = d * dare_mask(d.shape, density, ctx, i)
+            if g.get("rescale", True):
+                d = d / density
+        deltas.append(d)
+    d_N = torch.stack(deltas)  # (N, *shape)
+    del deltas
+    w = _weights(p, base)
+    wd_N = d_N * w
+    del d_N
+    if consensus:
+        mask = sign_consensus(wd_N).to(wd_N.dtype)
+        mixed = (wd_N * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = wd_N.sum(dim=0)
+        divisor = w.sum(dim=0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if g["normalize"]:
+        mixed = mixed / divisor
+    lam = float(g.get("lambda", 1.0))
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+# --------------------------------------------------------------------------- methods
+
+def linear(xs: list[Tensor], base: Tensor | None, p: list[dict], g: dict, ctx: TensorCtx
+           ) -> Tensor:
+    w = [float(q["weight"]) for q in p]
+    out = torch.zeros_like(xs[0])
+    for wi, x in zip(w, xs, strict=True):
+        out.add_(x, alpha=wi)
+    if g["normalize"]:
+        s = sum(w)
+        out /= s if abs(s) > 1e-8 else 1.0
+    return out
+
+
+def soup(xs: list[Tensor], base: Tensor | None, p: list[dict], g: dict, ctx: TensorCtx
+         ) -> Tensor:
+    return linear(xs, None, [{"weight": 1.0}] * len(xs), {"normalize": True}, ctx)
+
+
+def task_arithmetic(xs, base, p, g, ctx):
+    return _generalized(xs, base, p, g, ctx, None, False)
+
+
+def ties(xs, base, p, g, ctx):
+    return _generalized(xs, base, p, g, ctx, "magnitude", True)
+
+
+def dare_linear(xs, base, p, g, ctx):
+    return _generalized(xs, base, p, g, ctx, "random", False)
+
+
+def dare_ties(xs, base, p, g, ctx):
+    return _generalized(xs, base, p, g, ctx, "random", True)
+
+
+def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995,
+               eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation of two tensors viewed as flat vectors (mergekit's formula)."""
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = float((u0 * u1).sum())
+    if abs(dot) > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta0 = math.acos(dot)
+    s = math.sin(theta0)
+    s0 = math.sin(theta0 - theta0 * t) / s
+    s1 = math.sin(theta0 * t) / s
+    return s0 * v0 + s1 * v1
+
+
+def slerp(xs, base, p, g, ctx):
+    return slerp_pair(float(g["t"]), base, xs[0])
+
+
+def model_stock(xs, base, p, g, ctx):
+    shape = base.shape
+    if g.get("filter_wise", False):  # one cosine per row (per output filter)
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+    else:
+        w0 = base.reshape(-1)
+    ws = [x.reshape(w0.shape) for x in xs]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            a, b = offsets[i], offsets[j]
+            norm = a.norm(dim=-1) * b.norm(dim=-1)
+            cos.append(((a * b).sum(dim=-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)  # (1,) or (rows, 1)
+    n = len(ws)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6  # opposing updates: keep the base there
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, 1, den))
+    avg = sum(ws) / n
+    return (t * avg + (1 - t) * w0).reshape(shape)
+
+
+def passthrough(xs, base, p, g, ctx):
+    s = float(p[0].get("scale", 1.0))
+    return xs[0] * s if s != 1 else xs[0]
+
+
+# --------------------------------------------------------------------------- registry
+
+WEIGHT = Param("weight")
+DENSITY = Param("density", 1.0, 0.0, 1.0, low_open=True)
+NORM_T = Param("normalize", True, kind="bool")
+NORM_F = Param("normalize", False, kind="bool")
+LAMBDA = Param("lambda", 1.0)
+RESC_T = Param("rescale", True, kind="bool")
+RESC_F = Param("rescale", False, kind="bool")
+INT8 = Param("int8_mask", False, kind="bool")  # accepted for mergekit YAML; no effect here
+
+METHODS: dict[str, Method] = {
+    "linear": Method(linear, "Model soups, Wortsman et al. 2022 (arXiv 2203.05482)",
+                     model_params=(WEIGHT,), global_params=(NORM_T,)),
+    "soup": Method(soup, "uniform soup, Wortsman et al. 2022 (arXiv 2203.05482)"),
+    "greedy_soup": Method(soup, "greedy soup, Wortsman et al. 2022 (arXiv 2203.05482)"),
+    "task_arithmetic": Method(task_arithmetic, "Ilharco et al. 2022 (arXiv 2212.04089)",
+                              needs_base=True, model_params=(WEIGHT,),
+                              global_params=(NORM_F, LAMBDA, INT8)),
+    "ties": Method(ties, "TIES-merging, Yadav et al. 2023 (arXiv 2306.01708)", needs_base=True,
+                   model_params=(WEIGHT, DENSITY),
+                   global_params=(NORM_T, LAMBDA, RESC_F, INT8)),
+    "dare_linear": Method(dare_linear, "DARE, Yu et al. 2023 (arXiv 2311.03099)",
+                          needs_base=True, model_params=(WEIGHT, DENSITY),
+                          global_params=(NORM_F, LAMBDA, RESC_T)),
+    "dare_ties": Method(dare_ties, "DARE + TIES, Yu et al. 2023 (arXiv 2311.03099)",
+                        needs_base=True, model_params=(WEIGHT, DENSITY),
+                        global_params=(NORM_F, LAMBDA, RESC_T, INT8)),
+    "slerp": Method(slerp, "spherical interpolation, Shoemake 1985; as in mergekit",
+                    needs_base=True, n_models=(1, 1), global_params=(Param("t", None, 0.0, 1.0),)),
+    "model_stock": Method(model_stock, "Model Stock, Jang et al. 2024 (arXiv 2403.19522)",
+                          needs_base=True, n_models=(2, None),
+                          global_params=(Param("filter_wise", False, kind="bool"),)),
+    "passthrough": Method(passthrough, "copy one model (optionally scaled)", n_models=(1, 1),
+                          model_params=(Param("scale", 1.0),)),
+}
