@@ -131,6 +131,10 @@ def _train(cfg, model, data, out: Path, resume_step: int | None, dist, callbacks
                 if hasattr(cb, "save"):
                     cb.save(trainer, tmp)
         plot_run(trainer.history or _read_metrics(out), out / "loss.png")
+        if trainer.moe:
+            from lmalloy.moe.train import plot_expert_load
+
+            plot_expert_load(_read_metrics(out), out / "expert_load.png")
         raw = last.get("raw", {})
         if raw:
             print(f"done: val loss {raw['loss']:.4f}, ppl {raw['ppl']:.2f}, bpb "
@@ -163,7 +167,7 @@ def pretrain(cfg) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmalloy.data.tokenizer import Tok
-    from lmalloy.train.presets import PRESETS, model_kwargs
+    from lmalloy.train.presets import PRESETS, is_moe, model_kwargs
     from lmalloy.train.trainer import Dist
 
     if cfg.threads:
@@ -190,7 +194,12 @@ def pretrain(cfg) -> int:
         kw = model_kwargs(cfg.preset, tok.vocab_size, cfg.model_overrides)
         kw.update(bos_token_id=tok.eos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(LlamaConfig(**kw))
+        if is_moe(kw):  # a Mixtral preset
+            from transformers import MixtralConfig, MixtralForCausalLM
+
+            model = MixtralForCausalLM(MixtralConfig(**kw))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**kw))
         _train(cfg, model, data, out, resume_step, dist, build_callbacks(cfg))
     finally:
         dist.close()

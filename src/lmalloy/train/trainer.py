@@ -233,7 +233,15 @@ class Trainer:
         self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                        else min(2000, int(0.05 * self.total_steps)))
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.flops_tok = flops_per_token(self.hf_config, T, self.n_params)
+        # MoE (Mixtral): router balance loss in train_step, per-layer expert load logged
+        self.moe = getattr(self.hf_config, "num_local_experts", None)
+        self.moe_acc: list = []
+        n_active = self.n_params
+        if self.moe:
+            c = self.hf_config
+            n_active -= ((self.moe - c.num_experts_per_tok) * c.num_hidden_layers * 3
+                         * c.hidden_size * c.intermediate_size)
+        self.flops_tok = flops_per_token(self.hf_config, T, n_active)
         self.peak = (cfg.peak_tflops or measure_peak_tflops(dist.device)) * 1e12
         self.wrapped = self._wrap(model)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
@@ -445,6 +453,11 @@ class Trainer:
                        "epoch": self.step * self.batch_seqs / self.sampler.num_chunks,
                        "loss": loss_acc / n_acc, "lr": self.sched.get_last_lr()[0],
                        "tokens_per_s": tps, "mfu": tps * self.flops_tok / self.peak}
+                if self.moe_acc:  # mean balance loss and (L, E) expert load since last log
+                    rec["aux_loss"] = sum(a for a, _ in self.moe_acc) / len(self.moe_acc)
+                    rec["expert_load"] = (sum(x for _, x in self.moe_acc) /
+                                          len(self.moe_acc)).tolist()
+                    self.moe_acc = []
                 self.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
@@ -482,10 +495,22 @@ class Trainer:
                 self.wrapped.set_requires_gradient_sync(last)
             with ctx:
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=ac):
-                    logits = self.wrapped(input_ids=x).logits
+                    if self.moe:
+                        out = self.wrapped(input_ids=x, output_router_logits=True)
+                    else:
+                        out = self.wrapped(input_ids=x)
+                    logits = out.logits
                 loss = nn.functional.cross_entropy(
                     logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-                (loss / self.accum).backward()
+                objective = loss
+                if self.moe:
+                    from lmalloy.moe.train import router_aux
+
+                    aux, load = router_aux(out.router_logits, self.moe,
+                                           self.hf_config.num_experts_per_tok)
+                    objective = loss + self.hf_config.router_aux_loss_coef * aux
+                    self.moe_acc.append((float(aux.detach()), load.cpu()))
+                (objective / self.accum).backward()
             total += float(loss.detach())
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
