@@ -91,6 +91,13 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def num_labels(config: dict) -> int:
+    """Labels of an HF config dict (transformers omits id2label for its default of 2)."""
+    if "num_labels" in config:
+        return int(config["num_labels"])
+    return len(config["id2label"]) if config.get("id2label") else 2
+
+
 def check_reward_folder(path: str | Path):
     """open_model + check that it is a one-label sequence classifier; returns the folder."""
     from lmalloy.io.folder import open_model
@@ -100,7 +107,10 @@ def check_reward_folder(path: str | Path):
     if not archs or not archs[0].endswith("ForSequenceClassification"):
         raise UserError(f"{path}: {archs[0] if archs else 'this model'} is not a reward model "
                         "(expected a *ForSequenceClassification folder from `reward train`)")
-    n = m.config.get("num_labels", len(m.config.get("id2label") or {0: 0}))
+    n = num_labels(m.config)
+    head = m.tensors.get("score.weight")
+    if head is not None and head.shape[0] != n:
+        n = head.shape[0]
     if n != 1:
         raise UserError(f"{path}: a reward model has one output, this one has {n}")
     return m
