@@ -67,7 +67,7 @@ class LaWASettings(Config):
 
 
 class AverageConfig(Config):
-    inputs: list[str] = Field(..., **positional(
+    inputs: list[str] = Field([], **positional(
         "HF model folders, oldest first (or one run folder with --last)"))
     output: str = Field(..., description="output HF model folder")
     method: Literal["uniform", "ema"] = Field("uniform", description="uniform mean, or an "
@@ -79,6 +79,7 @@ class AverageConfig(Config):
         "auto", description="output dtype (auto: the newest input's); accumulation is fp32")
     overwrite: bool = Field(False, description="replace an existing output folder")
     allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
 
     @field_validator("decay")
     @classmethod
