@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "pretrain a Llama-architecture LM from text (TinyLlama recipe)"),
     "finetune": ("lmalloy.train.config:FinetuneConfig", "lmalloy.train.run:finetune",
                  "fine-tune an HF checkpoint on another corpus or domain"),
+    "average": ("lmalloy.average.config:AverageConfig", "lmalloy.average.offline:main",
+                "average checkpoints of one run (uniform, last K, EMA), streaming"),
     "eval": ("lmalloy.eval.config:EvalConfig", "lmalloy.eval.perplexity:main",
              "perplexity and bits per byte of models on a corpus or domain"),
     "inspect": ("lmalloy.io.inspect:InspectConfig", "lmalloy.io.inspect:main",
