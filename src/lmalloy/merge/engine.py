@@ -449,30 +449,32 @@ def execute(p: Plan) -> None:
 
         bar = tqdm(total=p.bytes_in, unit="B", unit_scale=True, desc=f"merge {cfg.method}",
                    file=sys.stderr, leave=False)
-    with atomic_output(p.output, cfg.overwrite) as tmp:
-        writer = ShardedWriter(tmp, plan_list, cfg.max_shard_size,
-                               metadata={"lmalloy_merge": cfg.method})
-        with ThreadPoolExecutor(1) as rpool, ThreadPoolExecutor(1) as wpool:
-            fut = rpool.submit(load, p.tensors[0]) if p.tensors else None
-            pending = None
-            for i, tp in enumerate(p.tensors):
-                xs, b = fut.result()
-                if i + 1 < len(p.tensors):
-                    fut = rpool.submit(load, p.tensors[i + 1])
-                out = compute_one(tp, xs, b)
-                del xs, b
+    try:
+        with atomic_output(p.output, cfg.overwrite) as tmp:
+            writer = ShardedWriter(tmp, plan_list, cfg.max_shard_size,
+                                   metadata={"lmalloy_merge": cfg.method})
+            with ThreadPoolExecutor(1) as rpool, ThreadPoolExecutor(1) as wpool:
+                fut = rpool.submit(load, p.tensors[0]) if p.tensors else None
+                pending = None
+                for i, tp in enumerate(p.tensors):
+                    xs, b = fut.result()
+                    if i + 1 < len(p.tensors):
+                        fut = rpool.submit(load, p.tensors[i + 1])
+                    out = compute_one(tp, xs, b)
+                    del xs, b
+                    if pending is not None:
+                        pending.result()
+                    pending = wpool.submit(writer.write, tp.name, out)
+                    del out
+                    if bar is not None:
+                        bar.update(tp.nbytes_in)
                 if pending is not None:
                     pending.result()
-                pending = wpool.submit(writer.write, tp.name, out)
-                del out
-                if bar is not None:
-                    bar.update(tp.nbytes_in)
-            if pending is not None:
-                pending.result()
-        writer.close()
+            writer.close()
+            _write_meta(p, tmp)
+    finally:
         if bar is not None:
             bar.close()
-        _write_meta(p, tmp)
     for f in inputs:
         f.close()
 

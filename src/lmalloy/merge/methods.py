@@ -272,7 +272,7 @@ INT8 = Param("int8_mask", False, kind="bool")  # accepted for mergekit YAML; no 
 
 METHODS: dict[str, Method] = {
     "linear": Method(linear, "Model soups, Wortsman et al. 2022 (arXiv 2203.05482)",
-                     model_params=(WEIGHT,), global_params=(NORM_T,)),
+                     model_params=(Param("weight", 1.0),), global_params=(NORM_T,)),
     "soup": Method(soup, "uniform soup, Wortsman et al. 2022 (arXiv 2203.05482)"),
     "greedy_soup": Method(soup, "greedy soup, Wortsman et al. 2022 (arXiv 2203.05482)"),
     "task_arithmetic": Method(task_arithmetic, "Ilharco et al. 2022 (arXiv 2212.04089)",
