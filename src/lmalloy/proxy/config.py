@@ -96,7 +96,7 @@ class ProxyGenerateConfig(ProxyModels):
 
     @field_validator("temperature", "repetition_penalty")
     @classmethod
-    def _finite(cls, v: float) -> float:
+    def _finite_sampling(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError(f"must be finite, got {v}")
         return v

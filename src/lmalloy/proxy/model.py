@@ -103,7 +103,7 @@ def load_tokenizer(path: str):
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
         raise UserError(f"{path}: no usable tokenizer ({str(e).splitlines()[0][:160]}); pass "
                         "--tokenizer") from None
 
@@ -283,11 +283,11 @@ class ProxyTuned:
         return combine(z_large, pairs, self.alphas if alphas is None else alphas)
 
     @torch.no_grad()
-    def score(self, contexts: Sequence[str], continuations: Sequence[str],
+    def score(self, contexts: Sequence[str], continuations: Sequence[str | Sequence[int]],
               batch_size: int = 8, alphas: Sequence[float] | None = None) -> list[dict]:
         """Proxy-tuned log-likelihood of each continuation given its context.
 
-        Returns per item {"logprob": Σ log p (nats), "tokens": n, "greedy": whether greedy
+        A continuation is text or token ids. Returns per item {"logprob": Σ log p (nats), "tokens": n, "greedy": whether greedy
         decoding reproduces the continuation token for token}. Each model sees its own
         prompt format of the context; the continuation tokens are shared (left padding puts
         them at the end of every row, so they line up across models)."""
@@ -333,7 +333,9 @@ class ProxyTuned:
                             "tokens": int(valid[i].sum()), "greedy": bool(hit[i].all())})
         return out
 
-    def _continuation_ids(self, context: str, continuation: str) -> list[int]:
+    def _continuation_ids(self, context: str, continuation: str | Sequence[int]) -> list[int]:
+        if not isinstance(continuation, str):  # already token ids
+            return [int(t) for t in continuation]
         tok = self.tokenizer
         ctx = self.encode_prompt(self.large, context)
         whole = tok(context + continuation, add_special_tokens=True)["input_ids"]
