@@ -273,10 +273,14 @@ def test_streaming_memory_does_not_grow_with_layers(capsys, tmp_path, tokenizer_
             live = LiveReads(mp)
             merge(capsys, "--method", "ties", "--base-model", b, "--models", f"{f[0]},{f[1]}",
                   "--parameters", "weight=1,density=0.5", "--output", d / "out")
-        peaks[layers] = (live.peak, sum(p.stat().st_size for p in (d / "b").glob("*.safetensors")))
-    (p2, _), (p8, size8) = peaks[2], peaks[8]
-    assert p8 <= p2 * 1.01, peaks  # bounded by a few tensors, not by the layer count
-    assert p8 < 0.35 * 3 * size8, peaks
+        files = [q for m in (b, *f) for q in m.glob("*.safetensors")]
+        biggest = max(load_file(files[0])[k].numel() * 4 for k in load_file(files[0]))
+        peaks[layers] = (live.peak, sum(q.stat().st_size for q in files), biggest)
+    # a few tensors in flight (this one and the prefetched next, for 3 inputs), whatever
+    # the number of layers; the 8-layer inputs are several times larger than that bound
+    for peak, total, biggest in peaks.values():
+        assert peak <= 2 * 3 * biggest, peaks
+    assert 2 * 3 * peaks[8][2] < 0.25 * peaks[8][1], peaks
 
 
 def test_atomic_output_on_failure_mid_merge(capsys, zoo, tmp_path):
@@ -405,3 +409,25 @@ def test_disk_full_cleans_up(capsys, zoo, tmp_path, monkeypatch):
     finally:
         if mounted:
             subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_greedy_soup_skips_a_model_that_hurts(capsys, zoo, tmp_path, tokenizer_dir):
+    from common import TEXTS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, t in enumerate(TEXTS[:40]):
+        (data / f"doc{i}.py").write_text(t * 4)
+    bad = make_llama(tmp_path / "bad", tokenizer_dir, seed=9, noise_from=zoo["base"], noise=0.5)
+    f0, f1 = zoo["fts"][:2]
+    out = merge(capsys, "--method", "greedy_soup", "--models", f"{f0},{bad},{f1}", "--data",
+                data, "--seq-len", "32", "--eval-tokens", "4096", "--val-fraction", "0.5",
+                "--output", tmp_path / "g")
+    notes = (out / "merge_config.yaml").read_text()
+    assert f"greedy_soup + {bad}: " in notes and "skipped" in notes.split(f"+ {bad}:")[1][:20]
+    chose = [x for x in notes.splitlines() if "greedy_soup chose:" in x][0]
+    kept = chose.split("chose: ")[1].split(", ")
+    assert str(bad) not in kept and len(kept) >= 1
+    M, S = sd(out), [sd(Path(k)) for k in kept]
+    for k in M:
+        close(M[k], sum(s[k] for s in S) / len(S))

@@ -27,6 +27,7 @@ Per-model parameters take precedence over global ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -384,7 +385,6 @@ def whole_model_thresholds(p: Plan, densities: list[float], compute) -> tuple[fl
 
 
 def execute(p: Plan) -> None:
-    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
@@ -453,23 +453,13 @@ def execute(p: Plan) -> None:
         with atomic_output(p.output, cfg.overwrite) as tmp:
             writer = ShardedWriter(tmp, plan_list, cfg.max_shard_size,
                                    metadata={"lmalloy_merge": cfg.method})
-            with ThreadPoolExecutor(1) as rpool, ThreadPoolExecutor(1) as wpool:
-                fut = rpool.submit(load, p.tensors[0]) if p.tensors else None
-                pending = None
-                for i, tp in enumerate(p.tensors):
-                    xs, b = fut.result()
-                    if i + 1 < len(p.tensors):
-                        fut = rpool.submit(load, p.tensors[i + 1])
-                    out = compute_one(tp, xs, b)
-                    del xs, b
-                    if pending is not None:
-                        pending.result()
-                    pending = wpool.submit(writer.write, tp.name, out)
-                    del out
-                    if bar is not None:
-                        bar.update(tp.nbytes_in)
-                if pending is not None:
-                    pending.result()
+            try:
+                _stream(p, writer, load, compute_one, bar)
+            except BaseException:
+                if writer._file is not None:  # release the file before the folder goes
+                    with contextlib.suppress(OSError):
+                        writer._file.close()
+                raise
             writer.close()
             _write_meta(p, tmp)
     finally:
@@ -477,6 +467,29 @@ def execute(p: Plan) -> None:
             bar.close()
     for f in inputs:
         f.close()
+
+
+def _stream(p: Plan, writer, load, compute_one, bar) -> None:
+    """Read tensor i+1 (a thread), compute tensor i, write tensor i−1 (a thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as rpool, ThreadPoolExecutor(1) as wpool:
+        fut = rpool.submit(load, p.tensors[0]) if p.tensors else None
+        pending = None
+        for i, tp in enumerate(p.tensors):
+            xs, b = fut.result()
+            if i + 1 < len(p.tensors):
+                fut = rpool.submit(load, p.tensors[i + 1])
+            out = compute_one(tp, xs, b)
+            del xs, b
+            if pending is not None:
+                pending.result()
+            pending = wpool.submit(writer.write, tp.name, out)
+            del out
+            if bar is not None:
+                bar.update(tp.nbytes_in)
+        if pending is not None:
+            pending.result()
 
 
 def _write_meta(p: Plan, tmp: Path) -> None:
