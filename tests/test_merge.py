@@ -278,7 +278,7 @@ def test_streaming_memory_does_not_grow_with_layers(capsys, tmp_path, tokenizer_
         peaks[layers] = (live.peak, sum(q.stat().st_size for q in files), biggest)
     # a few tensors in flight (this one and the prefetched next, for 3 inputs), whatever
     # the number of layers; the 8-layer inputs are several times larger than that bound
-    for peak, total, biggest in peaks.values():
+    for peak, _total, biggest in peaks.values():
         assert peak <= 2 * 3 * biggest, peaks
     assert 2 * 3 * peaks[8][2] < 0.25 * peaks[8][1], peaks
 
