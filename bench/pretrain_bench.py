@@ -1,0 +1,106 @@
+"""Training throughput of `lmalloy pretrain` vs litgpt's pretrain, side by side, and the
+start-up time of `lmalloy --help`.
+
+Both train lmalloy's `small` preset architecture (hidden 320, 6 layers, 8 heads / 4 KV
+heads, SwiGLU 864, vocab 4096, RMSNorm, RoPE) on the same packed tokens, at the same
+sequence length, global batch, micro batch, fp32, and thread count. Runs alternate
+(lmalloy, litgpt, lmalloy, litgpt, ...) so that machine noise hits both; throughput is
+the median of per-step tokens/s after the first two steps (litgpt: tokens over its own
+`time` column). litgpt runs in its own venv (bench/.venv-litgpt: `pip install litgpt
+requests torch==2.13.0`); it calls torch.compile unconditionally, so both are measured
+eager (`--compile 0`) and, with `--compile 1`, compiled.
+
+usage: .venv/bin/python bench/pretrain_bench.py [--steps 8] [--rounds 2] [--compile 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LMALLOY = [str(ROOT / ".venv" / "bin" / "python"), "-m", "lmalloy"]
+LITGPT_PY = ROOT / "bench" / ".venv-litgpt" / "bin" / "python"
+T, GLOBAL_TOKENS, MICRO = 256, 16384, 16
+
+
+def run_lmalloy(work: Path, tok: Path, steps: int, compile_: bool, tag: str) -> float:
+    out = work / f"lm-{tag}"
+    cmd = [*LMALLOY, "pretrain", "--preset", "small", "--domains", "email,json,asyncio",
+           "--tokenizer", str(tok), "--out", str(out), "--max-steps", str(steps),
+           "--seq-len", str(T), "--global-batch-tokens", str(GLOBAL_TOKENS),
+           "--micro-batch-size", str(MICRO), "--log-every", "1", "--eval-every", "100000",
+           "--no-progress", "--overwrite", "--threads", "2"]
+    if compile_:
+        cmd.append("--compile")
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in recs if "loss" in r and r["step"] > 2)
+
+
+def run_litgpt(work: Path, data: Path, steps: int, compile_: bool, tag: str) -> float:
+    out = work / f"lit-{tag}"
+    subprocess.run([str(LITGPT_PY), str(ROOT / "bench" / "litgpt_driver.py"),
+                    str(data / "train.bin"), "uint16", str(out), str(steps), str(T),
+                    str(GLOBAL_TOKENS // T), str(MICRO), "4096", "1" if compile_ else "0"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+    rows = list(csv.DictReader(open(next(out.glob("logs/csv/*/metrics.csv")))))
+    accum = GLOBAL_TOKENS // (T * MICRO)
+    steps_rows = [r for r in rows if int(r["iter"]) % accum == 0]
+    rates = []
+    for a, b in zip(steps_rows, steps_rows[1:]):
+        if int(b["step"]) > 2:
+            rates.append((int(b["tokens"]) - int(a["tokens"])) /
+                         (float(b["time"]) - float(a["time"])))
+    return statistics.median(rates)
+
+
+def startup(cmd: list[str], n: int = 5) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compile", type=int, default=0)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lmalloy-bench-"))
+    prep = work / "prep"
+    subprocess.run([*LMALLOY, "pretrain", "--preset", "small", "--domains",
+                    "email,json,asyncio", "--out", str(prep), "--max-steps", "1",
+                    "--no-progress", "--vocab-size", "4096", "--seq-len", str(T),
+                    "--global-batch-tokens", str(GLOBAL_TOKENS), "--micro-batch-size",
+                    str(MICRO)], check=True, stderr=subprocess.DEVNULL)
+    lm, lit = [], []
+    for r in range(a.rounds):
+        lm.append(run_lmalloy(work, prep / "tokenizer", a.steps, bool(a.compile), str(r)))
+        lit.append(run_litgpt(work, prep / "data", a.steps, bool(a.compile), str(r)))
+        print(f"round {r}: lmalloy {lm[-1]:,.0f} tok/s, litgpt {lit[-1]:,.0f} tok/s",
+              file=sys.stderr)
+    m_lm, m_lit = statistics.median(lm), statistics.median(lit)
+    help_s = startup([str(ROOT / ".venv" / "bin" / "lmalloy"), "--help"])
+    lit_cfg = startup([str(LITGPT_PY), "-c", "import litgpt.config"], 3)
+    res = {"compile": bool(a.compile), "steps": a.steps, "rounds": a.rounds,
+           "lmalloy_tokens_per_s": m_lm, "litgpt_tokens_per_s": m_lit,
+           "ratio_lmalloy_over_litgpt": m_lm / m_lit, "lmalloy_help_s": help_s,
+           "litgpt_import_config_s": lit_cfg}
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
