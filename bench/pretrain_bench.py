@@ -57,7 +57,7 @@ def run_litgpt(work: Path, data: Path, steps: int, compile_: bool, tag: str) -> 
     accum = GLOBAL_TOKENS // (T * MICRO)
     steps_rows = [r for r in rows if int(r["iter"]) % accum == 0]
     rates = []
-    for a, b in zip(steps_rows, steps_rows[1:]):
+    for a, b in zip(steps_rows, steps_rows[1:], strict=False):
         if int(b["step"]) > 2:
             rates.append((int(b["tokens"]) - int(a["tokens"])) /
                          (float(b["time"]) - float(a["time"])))
