@@ -21,6 +21,7 @@ from lmalloy.errors import unknown
 # stage name -> module; the report follows this order
 STAGES: dict[str, str] = {
     "pretrain": "lmalloy.demo.stage_pretrain",
+    "warm": "lmalloy.demo.stage_warm",
 }
 
 # The demo's corpus plan: general pretraining domains (each capped), and held-out domains
