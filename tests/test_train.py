@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -159,9 +160,10 @@ def test_finetune_freeze_and_eval(capsys, tmp_path, run6):
     r = json.loads(js)
     base, tuned = r[str(run6 / "final")], r[str(out / "final")]
     assert tuned["loss"] < base["loss"]
-    assert base["bpb"] == pytest.approx(base["loss"] * base["tokens"] / 0.6931471805599453
-                                        / (base["loss"] * base["tokens"] / 0.6931471805599453
-                                           / base["bpb"]))
+    for r_ in (base, tuned):
+        assert r_["bytes"] > r_["tokens"] > 0
+        assert r_["bpb"] == pytest.approx(r_["nll"] / math.log(2) / r_["bytes"])
+        assert r_["loss"] == pytest.approx(r_["nll"] / r_["tokens"])
     assert_user_error(capsys, "finetune", "--init-from", run6 / "final", "--out", tmp_path / "x",
                       "--freeze", "no_such_param", match="matches no parameter")
 

@@ -76,7 +76,8 @@ def summarize(per: dict[str, list]) -> dict:
     def row(nll: float, n: int, nbytes: int) -> dict:
         loss = nll / n if n else float("nan")
         return {"loss": loss, "ppl": math.exp(min(loss, 50)) if n else float("nan"),
-                "bpb": nll / math.log(2) / nbytes if nbytes else float("nan"), "tokens": n}
+                "bpb": nll / math.log(2) / nbytes if nbytes else float("nan"), "tokens": n,
+                "nll": nll, "bytes": nbytes}
 
     tot = [sum(v[k] for v in per.values()) for k in range(3)]
     out = row(*tot)
@@ -146,9 +147,9 @@ def main(cfg) -> int:
                          cfg.batch_size)
             for n, d in r["domains"].items():
                 acc = per.setdefault(n, [0.0, 0, 0])
-                acc[0] += d["loss"] * d["tokens"]
+                acc[0] += d["nll"]
                 acc[1] += d["tokens"]
-                acc[2] += d["loss"] * d["tokens"] / math.log(2) / d["bpb"] if d["bpb"] else 0
+                acc[2] += d["bytes"]
         results[p] = summarize(per)
         if not results[p]["tokens"]:
             raise UserError(f"no {cfg.split} tokens to evaluate (documents shorter than "
