@@ -204,3 +204,23 @@ def test_two_processes_match_one(tmp_path, tokenizer_dir, strategy):
     wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+
+
+def test_presets_sizes_and_tinyllama_exact():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmalloy.train.presets import model_kwargs
+
+    def count(preset: str, vocab: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in LlamaForCausalLM(
+                LlamaConfig(**model_kwargs(preset, vocab))).parameters())
+
+    n = count("tinyllama-1.1b", 32000)
+    assert n == 1_100_048_384  # TinyLlama-1.1B's published parameter count
+    assert 0.8e6 < count("tiny", 4096) < 1.3e6
+    assert 8e6 < count("small", 4096) < 12e6
+    assert 35e6 < count("base", 4096) < 45e6
+    cfg = model_kwargs("tinyllama-1.1b", 32000)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["intermediate_size"]) == (22, 2048, 32, 4, 5632)
