@@ -7,6 +7,18 @@ from pydantic import Field, field_validator
 from lmalloy.config import Config
 
 
+def valid_vocab_size(v: int) -> int:
+    """Validator shared by every config that trains a tokenizer."""
+    from lmalloy.data.tokenizer import MIN_VOCAB
+
+    if v < MIN_VOCAB:
+        raise ValueError(f"must be at least {MIN_VOCAB} (256 byte tokens + "
+                         f"{MIN_VOCAB - 256} special tokens)")
+    if v > 2**31:
+        raise ValueError("is too large")
+    return v
+
+
 class DataFields(Config):
     """The fields every command that reads a corpus shares."""
 
@@ -28,14 +40,4 @@ class TokenizerConfig(DataFields):
     min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
     overwrite: bool = Field(False, description="replace an existing output folder")
 
-    @field_validator("vocab_size")
-    @classmethod
-    def _vocab(cls, v: int) -> int:
-        from lmalloy.data.tokenizer import MIN_VOCAB
-
-        if v < MIN_VOCAB:
-            raise ValueError(f"must be at least {MIN_VOCAB} (256 byte tokens + "
-                             f"{MIN_VOCAB - 256} special tokens)")
-        if v > 2**31:
-            raise ValueError("is too large")
-        return v
+    _vocab = field_validator("vocab_size")(classmethod(lambda cls, v: valid_vocab_size(v)))

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmalloy.average.config import AVERAGERS, EMASettings, LaWASettings, SWASettings
-from lmalloy.data.config import DataFields
+from lmalloy.data.config import DataFields, valid_vocab_size
 
 # keys that may change between a run and its `--resume`
 RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug"}
@@ -78,15 +78,7 @@ class PretrainConfig(TrainConfig):
                                   "train a byte-level BPE on the training data)")
     vocab_size: int = Field(4096, description="vocabulary of the trained tokenizer")
 
-    @field_validator("vocab_size")
-    @classmethod
-    def _vocab(cls, v: int) -> int:
-        from lmalloy.data.tokenizer import MIN_VOCAB
-
-        if v < MIN_VOCAB:
-            raise ValueError(f"must be at least {MIN_VOCAB} (256 byte tokens + "
-                             f"{MIN_VOCAB - 256} special tokens)")
-        return v
+    _vocab = field_validator("vocab_size")(classmethod(lambda cls, v: valid_vocab_size(v)))
 
 
 class FinetuneConfig(TrainConfig):
