@@ -21,6 +21,7 @@ from lmalloy.errors import unknown
 # stage name -> module; the report follows this order
 STAGES: dict[str, str] = {
     "pretrain": "lmalloy.demo.stage_pretrain",
+    "merging": "lmalloy.demo.stage_merging",
     "warm": "lmalloy.demo.stage_warm",
 }
 

@@ -34,6 +34,8 @@ from lmalloy.errors import closest
 # validating a config does not import torch
 METHOD_NAMES = ("linear", "soup", "greedy_soup", "task_arithmetic", "ties", "dare_linear",
                 "dare_ties", "slerp", "model_stock", "passthrough")
+# methods for PEFT adapter folders (lmalloy.merge.lora); `linear` also applies to adapters
+LORA_METHODS = ("cat", "svd", "bake")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -69,7 +71,9 @@ def _check_plain(where: str, name: str, value: Any) -> None:
 
 
 class MergeConfig(DataFields):
-    method: str = Field("linear", description="merge method: " + ", ".join(METHOD_NAMES))
+    method: str = Field("linear", description="merge method: " + ", ".join(METHOD_NAMES)
+                        + "; for PEFT adapter folders: cat, svd, linear, bake (into "
+                        "--base-model)")
     models: list[ModelEntry] = Field(..., min_length=1, description="models to merge (folders; "
                                      "YAML entries may carry `parameters`)")
     base_model: str | None = Field(None, description="shared base (task_arithmetic, ties, dare, "
@@ -91,6 +95,8 @@ class MergeConfig(DataFields):
         "tensor", description="TIES/DARE-TIES trim scope: per tensor (mergekit) or over the "
         "whole flattened task vector (the TIES paper)")
     seed: int = Field(0, description="seed of DARE's random drops (per tensor and model)")
+    rank: int | None = Field(None, gt=0, description="LoRA `svd`: output rank (default: the "
+                             "largest input rank)")
     max_shard_size: int = Field(5 * 1024**3, gt=0, description="bytes per output shard")
     allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
     progress: bool = Field(True, description="show a progress bar")
@@ -127,9 +133,10 @@ class MergeConfig(DataFields):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in METHOD_NAMES:
-            raise ValueError(f"unknown merge method `{v}`{closest(v, METHOD_NAMES)}; choose "
-                             f"from: {', '.join(METHOD_NAMES)}")
+        names = METHOD_NAMES + LORA_METHODS
+        if v not in names:
+            raise ValueError(f"unknown merge method `{v}`{closest(v, names)}; choose "
+                             f"from: {', '.join(names)}")
         return v
 
     @model_validator(mode="after")
@@ -170,41 +177,6 @@ class MergeConfig(DataFields):
         for k in ("chat_template", "name"):
             data.pop(k, None)
         return data
-
-
-class LoraMergeConfig(Config):
-    adapters: list[str] = Field(..., min_length=1, **positional(
-        "PEFT adapter folders (adapter_config.json + adapter_model.safetensors)"))
-    method: Literal["cat", "svd", "linear", "bake"] = Field(
-        "cat", description="cat: exact, ranks add up; svd: exact ΔW then truncated SVD; linear: "
-        "average A and B separately (an approximation); bake: fold one adapter into --base")
-    weights: list[float] | None = Field(None, description="one weight per adapter (default 1 "
-                                        "for cat/svd, 1/N for linear)")
-    rank: int | None = Field(None, gt=0, description="svd: output rank (default: the largest "
-                             "input rank)")
-    base: str | None = Field(None, description="bake: the base model folder")
-    output: str = Field("runs/merged-adapter", description="output folder")
-    overwrite: bool = Field(False, description="replace an existing output folder")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="output dtype (default: the inputs')")
-    max_shard_size: int = Field(5 * 1024**3, gt=0, description="bake: bytes per output shard")
-    progress: bool = Field(True, description="show a progress bar")
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v):
-        if v is not None and not all(math.isfinite(x) for x in v):
-            raise ValueError("must be finite numbers")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.weights is not None and len(self.weights) != len(self.adapters):
-            raise ValueError(f"`--weights` has {len(self.weights)} values for "
-                             f"{len(self.adapters)} adapters")
-        if self.method == "bake" and (self.base is None or len(self.adapters) != 1):
-            raise ValueError("`bake` takes exactly one adapter and `--base`")
-        return self
 
 
 class LorahubConfig(DataFields):

@@ -528,6 +528,13 @@ def merge(cfg: MergeConfig) -> Path:
         import torch
 
         torch.set_num_threads(cfg.threads)
+    from lmalloy.merge.lora import is_adapter, merge_adapters
+
+    if any(is_adapter(m.model) for m in cfg.models):
+        return merge_adapters(cfg)
+    if cfg.method in ("cat", "svd", "bake"):
+        raise UserError(f"`{cfg.method}` merges PEFT adapter folders (adapter_config.json); "
+                        f"{cfg.models[0].model} is a full model")
     notes = []
     if cfg.method == "greedy_soup":
         from lmalloy.merge.greedy import greedy_select

@@ -1,0 +1,183 @@
+"""Demo stage: merge three domain experts of one base into one model.
+
+Model soups (Wortsman et al. 2022), task arithmetic (Ilharco et al. 2022) and TIES (Yadav
+et al. 2023) claim that fine-tunes of one base can be combined by weight arithmetic. This
+stage fine-tunes the pretrained base on three standard-library domains held out of
+pretraining (email, json, http), merges the three experts by uniform soup, task arithmetic
+(a small λ sweep), TIES and greedy soup, and tabulates each domain's held-out perplexity:
+does one merged model keep most of each expert's gain over the base? The MoE and proxy
+stages reuse these experts (numbers["experts"]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+TITLE = "Merging: does one merged model keep most of each domain expert's gain?"
+
+
+def settings(ctx, seq_len: int) -> dict:
+    """Full: every document of the domain, 3 epochs (json is small, email the largest)."""
+    return dict(
+        data=["stdlib"], max_chars_per_domain=ctx.pick(40_000, None), seq_len=seq_len,
+        global_batch_tokens=ctx.pick(2048, 8192), micro_batch_size=ctx.pick(8, 16),
+        epochs=ctx.pick(None, 3.0), max_steps=ctx.pick(8, None), lr=ctx.pick(2e-3, 1e-3),
+        warmup_steps=ctx.pick(2, 4), val_fraction=0.1, eval_every=1000,
+        eval_tokens=ctx.pick(1024, 4096), log_every=ctx.pick(4, 8), keep_checkpoints=1, seed=0,
+        progress=False,
+    )
+
+
+def _eval_all(models: dict[str, str], tokenizer: str, s: dict, domains: list[str],
+              max_tokens: int) -> dict[str, dict[str, float]]:
+    """Held-out loss per domain (the fine-tunes' own validation split) for every model."""
+    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.pack import load_tokens, pack
+    from lmalloy.data.tokenizer import Tok
+    from lmalloy.eval.perplexity import cache_dir, evaluate, load_causal_lm
+
+    tok = Tok.load(tokenizer)
+    corpus = load_corpus(s["data"], domains, [], s["max_chars_per_domain"], quiet=True)
+    folder = cache_dir() / "packed" / tok.fingerprint()
+    meta = pack(corpus, tok, folder, s["val_fraction"], s["seed"])
+    tokens = load_tokens(folder, "val", meta)
+    tb = tok.token_bytes()
+    out = {}
+    for name, path in models.items():
+        model = load_causal_lm(path)
+        out[name] = {}
+        for d in domains:
+            r = evaluate(model, tokens, {d: tuple(meta["domains"][d]["val"])}, s["seq_len"],
+                         max_tokens, tb, batch_size=8)
+            out[name][d] = r["loss"]
+        del model
+    return out
+
+
+def _plot(losses: dict, domains: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(losses)
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
+    width = 0.8 / len(domains)
+    for j, d in enumerate(domains):
+        ax.bar([i + j * width for i in range(len(names))], [losses[n][d] for n in names],
+               width, label=d)
+    ax.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right")
+    lo = min(v for r in losses.values() for v in r.values())
+    ax.set_ylim(lo * 0.9, None)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(title="domain")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Base, experts and merges on each expert's domain")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(ctx) -> dict:
+    from lmalloy.demo.run import EXPERT_DOMAINS
+
+    pre = ctx.require("pretrain")["numbers"]
+    base = pre["model"]
+    run_cfg = yaml.safe_load((Path(base).parent / "config.yaml").read_text())
+    s = settings(ctx, int(run_cfg["seq_len"]))
+    work = ctx.dir("merging")
+    experts = {}
+    for d in EXPERT_DOMAINS:
+        out = work / f"expert-{d}"
+        ctx.call("finetune", init_from=base, out=str(out), domains=[d], overwrite=True,
+                 threads=ctx.threads, **s)
+        experts[d] = str(out / "final")
+    fts = [experts[d] for d in EXPERT_DOMAINS]
+    merges: dict[str, str] = {}
+
+    def merge(name: str, **fields) -> None:
+        out = work / f"merged-{name}"
+        ctx.call("merge", output=str(out), overwrite=True, progress=False, **fields)
+        merges[name] = str(out)
+
+    merge("soup", method="soup", models=fts)
+    lambdas = ctx.pick([0.5, 1.0], [0.3, 0.5, 0.7, 1.0])
+    for lam in lambdas:
+        merge(f"task arithmetic λ={lam}", method="task_arithmetic", base_model=base, models=fts,
+              parameters={"weight": 1.0, "lambda": lam})
+    merge("TIES (density 0.5)", method="ties", base_model=base, models=fts,
+          parameters={"weight": 1.0, "density": 0.5})
+    eval_tokens = ctx.pick(1024, 8192)
+    merge("greedy soup", method="greedy_soup", models=fts, data=s["data"],
+          domains=EXPERT_DOMAINS, max_chars_per_domain=s["max_chars_per_domain"],
+          val_fraction=s["val_fraction"], seq_len=s["seq_len"],
+          eval_tokens=eval_tokens * len(EXPERT_DOMAINS))
+    chosen = [ln for ln in (Path(merges["greedy soup"]) / "merge_config.yaml").read_text()
+              .splitlines() if "greedy_soup chose:" in ln][0].split("chose: ")[1].split(", ")
+    chosen_domains = [d for d in EXPERT_DOMAINS if experts[d] in chosen]
+
+    models = {"base": base, **{f"expert {d}": experts[d] for d in EXPERT_DOMAINS}, **merges}
+    losses = _eval_all(models, pre["tokenizer"], s, EXPERT_DOMAINS, eval_tokens)
+    gains = {}  # share of each expert's own-domain gain that a merge keeps
+    for name in merges:
+        gains[name] = {}
+        for d in EXPERT_DOMAINS:
+            full = losses["base"][d] - losses[f"expert {d}"][d]
+            got = losses["base"][d] - losses[name][d]
+            gains[name][d] = got / full if full > 0 else float("nan")
+    img = ctx.dir("figures") / "merging_losses.png"
+    _plot(losses, EXPERT_DOMAINS, img)
+
+    md = [
+        "Three experts fine-tuned from the pretrained base ("
+        + (f"{s['max_steps']} steps" if s["max_steps"] else f"{s['epochs']:g} epochs")
+        + f" of {s['global_batch_tokens']:,}-token batches, lr {s['lr']}, sequence "
+        f"{s['seq_len']}) on "
+        f"one held-out standard-library domain each ({', '.join(EXPERT_DOMAINS)}), then merged "
+        f"with `lmalloy merge`. Perplexity on each domain's held-out documents (the "
+        f"fine-tunes' validation split, up to {eval_tokens:,} tokens per domain); *kept* = "
+        f"(base loss − merge loss) / (base loss − expert loss) on the expert's own domain.",
+        "",
+        "| model | " + " | ".join(f"{d} ppl" for d in EXPERT_DOMAINS)
+        + " | mean loss | " + " | ".join(f"{d} kept" for d in EXPERT_DOMAINS) + " |",
+        "|---|" + "---|" * (2 * len(EXPERT_DOMAINS) + 1),
+    ]
+    for name, row in losses.items():
+        mean = sum(row.values()) / len(row)
+        kept = [f"{100 * gains[name][d]:.0f}%" if name in gains and not math.isnan(
+            gains[name][d]) else ("—" if name in gains else "") for d in EXPERT_DOMAINS]
+        md.append(f"| {name} | " + " | ".join(f"{math.exp(row[d]):.2f}" for d in EXPERT_DOMAINS)
+                  + f" | {mean:.3f} | " + " | ".join(kept) + " |")
+    md += ["", f"![losses per domain](figures/{img.name})", "",
+           f"Greedy soup kept the experts for: {', '.join(chosen_domains)} (selected on the "
+           f"same held-out split it is reported on, so its row is slightly optimistic).", ""]
+    mean_loss = {n: sum(r.values()) / len(r) for n, r in losses.items()}
+    best = min(merges, key=lambda n: mean_loss[n])
+    improved = [d for d in EXPERT_DOMAINS if not math.isnan(gains[best][d])]
+    failed = [d for d in EXPERT_DOMAINS if d not in improved]
+    if failed:
+        md.append(f"The {', '.join(failed)} expert did not beat the base on its own held-out "
+                  f"documents (— in the table): its fine-tune overfitted or was too short, so "
+                  f"there is no gain to keep there.")
+        md.append("")
+    kept = {d: gains[best][d] for d in improved}
+    most = bool(kept) and all(v >= 0.5 for v in kept.values())
+    shares = ", ".join(f"{d} {100 * v:.0f}%" for d, v in kept.items()) or "none"
+    experts_mean = sum(losses[f"expert {d}"][d] for d in EXPERT_DOMAINS) / len(EXPERT_DOMAINS)
+    md.append(
+        f"> {'Yes' if most else 'No'}: the best merge by mean held-out loss, {best}, keeps "
+        f"{shares} of each expert's gain over the base"
+        + (" — most of every expert's gain, in one model." if most else
+           " — not most of every expert's gain: one merged model trades part of each "
+           "expert's specialisation for coverage of all three domains.")
+        + f" Mean loss over the three domains: base {mean_loss['base']:.3f}, best merge "
+        f"{mean_loss[best]:.3f}, each expert on its own domain {experts_mean:.3f}.")
+    return {"markdown": "\n".join(md), "numbers": {
+        "base": base, "tokenizer": pre["tokenizer"], "experts": experts, "merges": merges,
+        "seq_len": s["seq_len"], "losses": losses, "gain_kept": gains, "best_merge": best,
+        "greedy_soup_chose": chosen_domains, "keeps_most": most,
+        "finetune": json.loads(json.dumps(s))}}
