@@ -22,6 +22,7 @@ from lmalloy.errors import unknown
 STAGES: dict[str, str] = {
     "pretrain": "lmalloy.demo.stage_pretrain",
     "merging": "lmalloy.demo.stage_merging",
+    "moe": "lmalloy.demo.stage_moe",
     "warm": "lmalloy.demo.stage_warm",
 }
 
