@@ -126,18 +126,19 @@ def average_folders(inputs: list[str | Path], output: str | Path, method: str = 
                    disable=None, mininterval=1.0)
     t0 = time.perf_counter()
 
-    def read_all(name: str):
-        for m in models:
-            t = m.read(name)
-            check_finite(name, t, m.path)
-            yield t
+    def averaged(name: str):
+        acc = average_tensor((m.read(name) for m in models), method, decay)
+        if not bool(torch.isfinite(acc).all()):  # a NaN/Inf input makes the average one
+            for m in models:
+                check_finite(name, m.read(name), m.path)
+            raise UserError(f"the average of tensor `{name}` overflows")
+        return acc
 
     with atomic_output(out, overwrite) as tmp:
         w = ShardedWriter(tmp, plan)
         for name, st, _shape in plan:
             if st in ("F64", "F32", "F16", "BF16"):
-                w.write(name, average_tensor(read_all(name), method, decay).to(
-                    st_to_torch[st]))
+                w.write(name, averaged(name).to(st_to_torch[st]))
             else:  # integer/bool buffers: the newest input's
                 w.write(name, newest.read(name))
             if bar is not None:
