@@ -21,6 +21,7 @@ from lmalloy.errors import unknown
 # stage name -> module; the report follows this order
 STAGES: dict[str, str] = {
     "pretrain": "lmalloy.demo.stage_pretrain",
+    "averaging": "lmalloy.demo.stage_averaging",
     "merging": "lmalloy.demo.stage_merging",
     "moe": "lmalloy.demo.stage_moe",
     "warm": "lmalloy.demo.stage_warm",
