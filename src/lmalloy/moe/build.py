@@ -83,7 +83,10 @@ def mixtral_config(dense: dict, n_experts: int, top_k: int, aux_coef: float, dty
     cfg = MixtralConfig(**kw)
     cfg.architectures = ["MixtralForCausalLM"]
     cfg.dtype = dtype
-    return cfg.to_dict()
+    generic = {"label2id", "id2label", "return_dict", "output_hidden_states", "problem_type",
+               "output_attentions", "is_encoder_decoder", "chunk_size_feed_forward",
+               "_name_or_path"}
+    return {k: v for k, v in cfg.to_dict().items() if k not in generic}
 
 
 def _layer_of(name: str) -> int | None:
