@@ -176,6 +176,11 @@ def evaluate(cfg) -> dict:
     _check_inputs(cfg)
     folders = [open_model(p) for p in paths]
     names = [p.name for p in paths]
+    reserved = {"warm", "ensemble", "mean", "best", "pairs"}
+    if len(set(names)) < len(names) or reserved & set(names):  # e.g. rm-00 of two runs
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
     models = [load_reward_model(p) for p in paths]
     sel: dict[str, object] = dict(zip(names, models, strict=True))
     if len(models) >= 2:
