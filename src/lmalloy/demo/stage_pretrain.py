@@ -19,7 +19,7 @@ def settings(ctx) -> dict:
 
     return dict(
         data=["stdlib"], domains=PRETRAIN_DOMAINS,
-        max_chars_per_domain=ctx.pick(6_000, 30_000),
+        max_chars_per_domain=ctx.pick(6_000, 20_000),
         preset=ctx.pick("tiny", "small"), vocab_size=ctx.pick(1024, 4096),
         seq_len=ctx.pick(128, 256), global_batch_tokens=ctx.pick(2048, 8192),
         micro_batch_size=ctx.pick(8, 16), epochs=ctx.pick(3, 4), lr=ctx.pick(3e-3, 2e-3),
