@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "averaging": "lmalloy.demo.stage_averaging",
     "merging": "lmalloy.demo.stage_merging",
     "moe": "lmalloy.demo.stage_moe",
+    "proxy": "lmalloy.demo.stage_proxy",
     "warm": "lmalloy.demo.stage_warm",
 }
 
