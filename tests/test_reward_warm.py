@@ -207,3 +207,13 @@ def test_reward_eval_end_to_end(capsys, tmp_path, rms, tiny_llama):
     assert set(bon["win_rate"]) == {"warm_vs_single", "ensemble_vs_single", "warm_vs_ensemble"}
     w = bon["win_rate"]["warm_vs_single"]
     assert w["wins"] + w["ties"] + w["losses"] == 3 * 3 and w["lo"] <= w["rate"] <= w["hi"]
+
+
+def test_eval_best_of_n_needs_policy_and_gold(capsys, tmp_path, rms, tiny_llama):
+    assert_user_error(capsys, "reward", "eval", rms[0], rms[1], "--data", tmp_path / "x.jsonl",
+                      "--policy", tiny_llama, match="needs both --policy and --gold")
+
+
+def test_eval_missing_data_file(capsys, tmp_path, rms):
+    assert_user_error(capsys, "reward", "eval", rms[0], rms[1], "--data", tmp_path / "x.jsonl",
+                      match="preference data not found")

@@ -26,7 +26,7 @@ PAPER_BON_WIN = 0.794  # WARM (M=6) policy vs single-RM policy, the paper's head
 def settings(ctx) -> dict:
     return dict(
         num_models=4, label_noise=0.25,
-        train_pairs=ctx.pick(96, 200), test_pairs=ctx.pick(48, 100),
+        train_pairs=ctx.pick(96, 160), test_pairs=ctx.pick(48, 80),
         lr=ctx.pick([3e-4, 1e-3], [2e-4, 8e-4]), dropout=[0.0, 0.1],
         epochs=ctx.pick(1.0, 2.0), batch_size=16, max_len=96,
         gold_lr=ctx.pick(1e-3, 4e-4), gold_epochs=2.0,
