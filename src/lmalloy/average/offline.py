@@ -6,9 +6,10 @@
 - `ema`: avg ← m₁, then avg ← decay·avg + (1 − decay)·m_i for the inputs oldest first
   (`lerp_` in fp32, the in-training EMA's update applied to checkpoints).
 
-Each tensor is read memory-mapped from every input in turn into one fp32 accumulator,
-then cast and streamed into the output shards: peak memory is one accumulator plus one
-input tensor, whatever the number of inputs. Names, shapes and architectures are checked
+Each tensor is read from every input in turn (positioned reads, located by the headers
+`lmalloy.io.open_model` parsed) into one fp32 accumulator, then cast and streamed into
+the output shards (`ShardedWriter`, inside `atomic_output`): peak memory is one
+accumulator plus one input tensor, whatever the number of inputs. Names, shapes and architectures are checked
 from the headers before any data is read; a NaN/Inf found while reading aborts the run
 and the temporary output folder is removed, so nothing partial is ever left behind.
 Config and tokenizer files come from the newest input (the last one listed).
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from lmalloy.errors import UserError
+from lmalloy.io.folder import TORCH_DTYPE_NAMES
 
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -71,22 +73,46 @@ def check_compatible(models: list) -> None:
 
 
 def average_tensor(tensors, method: str = "uniform", decay: float | None = None):
-    """fp32 average of an iterable of same-shape tensors, consumed one at a time."""
+    """fp32 average of an iterable of same-shape tensors, consumed one at a time.
+
+    uniform: ((t1 + t2) + t3 + ...) / n; ema: lerp(avg, t_i, 1 - decay) from avg = t1. The
+    first result is a new tensor, so memory-mapped inputs are never written to."""
     import torch
 
-    acc = None
-    n = 0
-    for t in tensors:
+    it = iter(tensors)
+    acc = next(it).to(torch.float32)  # may still be the (read-only) input itself
+    n, fresh = 1, False
+    for t in it:
         n += 1
-        if acc is None:
-            acc = t.to(torch.float32, copy=True)
-        elif method == "uniform":
-            acc.add_(t)  # promoted to fp32
+        if method == "uniform":
+            acc = acc.add_(t) if fresh else acc + t  # promoted to fp32
         else:
-            acc.lerp_(t.to(torch.float32), 1.0 - decay)
-    if method == "uniform":
-        acc.div_(float(n))
-    return acc
+            t = t.to(torch.float32)
+            acc = acc.lerp_(t, 1.0 - decay) if fresh else torch.lerp(acc, t, 1.0 - decay)
+        fresh = True
+    if not fresh:
+        acc = acc.clone()
+    return acc.div_(float(n)) if method == "uniform" else acc
+
+
+def read_tensor(model, name: str):
+    """One tensor of a safetensors folder, read into fresh memory with a positioned read.
+
+    Not memory-mapped on purpose: mapped pages of every input would stay resident in this
+    process until the end, so peak memory would grow with the number of inputs."""
+    import numpy as np
+    import torch
+
+    info = model.tensors[name]
+    if model.pickle_state is not None:
+        return model.read(name)
+    buf = np.empty(info.nbytes, dtype=np.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(info.offsets[0])
+        if f.readinto(buf) != info.nbytes:
+            raise UserError(f"{info.file}: truncated while reading `{name}`")
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
+    return torch.from_numpy(buf).view(dtype).reshape(info.shape)
 
 
 def average_folders(inputs: list[str | Path], output: str | Path, method: str = "uniform",
@@ -96,7 +122,7 @@ def average_folders(inputs: list[str | Path], output: str | Path, method: str = 
     """Average HF folders into `output` (an HF folder). Returns sizes and timing."""
     import torch
 
-    from lmalloy.io.folder import TORCH_DTYPE_NAMES, check_finite, open_model
+    from lmalloy.io.folder import check_finite, open_model
     from lmalloy.io.writer import ShardedWriter, atomic_output, check_output, copy_aux_files
 
     if method not in ("uniform", "ema"):
@@ -127,10 +153,11 @@ def average_folders(inputs: list[str | Path], output: str | Path, method: str = 
     t0 = time.perf_counter()
 
     def averaged(name: str):
-        acc = average_tensor((m.read(name) for m in models), method, decay)
-        if not bool(torch.isfinite(acc).all()):  # a NaN/Inf input makes the average one
+        acc = average_tensor((read_tensor(m, name) for m in models), method, decay)
+        # a NaN/Inf input makes the average non-finite, and then its sum: one cheap pass
+        if not (bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(acc).all())):
             for m in models:
-                check_finite(name, m.read(name), m.path)
+                check_finite(name, read_tensor(m, name), m.path)
             raise UserError(f"the average of tensor `{name}` overflows")
         return acc
 
@@ -140,7 +167,7 @@ def average_folders(inputs: list[str | Path], output: str | Path, method: str = 
             if st in ("F64", "F32", "F16", "BF16"):
                 w.write(name, averaged(name).to(st_to_torch[st]))
             else:  # integer/bool buffers: the newest input's
-                w.write(name, newest.read(name))
+                w.write(name, read_tensor(newest, name))
             if bar is not None:
                 bar.update(1)
         w.close()
