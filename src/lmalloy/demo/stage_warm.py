@@ -183,7 +183,7 @@ def report(ctx, s: dict, res: dict, train_meta: dict, tests: list[str]) -> dict:
                 f"±{196 * 0.5 / n_test ** 0.5:.0f} points (95%), so small gaps are noise.")
     md.append(verdict)
     numbers = {"rows": rows, "win_rate": wr, "gold_of_pick": g, "claims": dict(claims),
-               "paper_bon_win_rate": PAPER_BON_WIN, "models": str(Path(ctx.out) / "warm"),
+               "paper_bon_win_rate": PAPER_BON_WIN, "warm_model": str(Path(ctx.out) / "warm" / "warm"),
                "train_pairs_per_s": sum(x["pairs_per_s"] for x in train_meta["models"])
                / len(train_meta["models"])}
     return {"markdown": "\n".join(md), "numbers": numbers}

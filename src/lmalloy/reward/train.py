@@ -174,6 +174,9 @@ def main(cfg) -> int:
     _check_inits(cfg.init_from)
     out = check_output(cfg.out, cfg.overwrite, inputs=cfg.init_from, flag="--out")
     dist = Dist.init()
+    if dist.world > 1:
+        raise UserError("`reward train` runs in one process (it trains the M models one after "
+                        "another); run it without torchrun")
     base = reward_from_causal_lm(cfg.init_from[0], head_seed=cfg.seed)
     group = init_group(base)
     base_dropout = getattr(base.config, "attention_dropout", 0.0)
