@@ -29,7 +29,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-
 # Busy-waiting OpenMP threads collapse on a shared machine (a 2-thread step measured 15-20×
 # slower than with passive waiting while other processes ran); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
