@@ -72,47 +72,24 @@ def check_compatible(models: list) -> None:
             raise UserError(f"{m.path}: tensor `{extra[0]}` is not in {ref.path}")
 
 
-def average_tensor(tensors, method: str = "uniform", decay: float | None = None):
-    """fp32 average of an iterable of same-shape tensors, consumed one at a time.
-
-    uniform: ((t1 + t2) + t3 + ...) / n; ema: lerp(avg, t_i, 1 - decay) from avg = t1. The
-    first result is a new tensor, so memory-mapped inputs are never written to."""
-    import torch
-
-    it = iter(tensors)
-    acc = next(it).to(torch.float32)  # may still be the (read-only) input itself
-    n, fresh = 1, False
-    for t in it:
-        n += 1
-        if method == "uniform":
-            acc = acc.add_(t) if fresh else acc + t  # promoted to fp32
-        else:
-            t = t.to(torch.float32)
-            acc = acc.lerp_(t, 1.0 - decay) if fresh else torch.lerp(acc, t, 1.0 - decay)
-        fresh = True
-    if not fresh:
-        acc = acc.clone()
-    return acc.div_(float(n)) if method == "uniform" else acc
-
-
-def read_tensor(model, name: str):
-    """One tensor of a safetensors folder, read into fresh memory with a positioned read.
+def read_tensor(model, name: str, buf=None):
+    """One tensor of a safetensors folder, read with a positioned read into `buf` (a uint8
+    tensor at least as large; reused across calls) or into fresh memory.
 
     Not memory-mapped on purpose: mapped pages of every input would stay resident in this
     process until the end, so peak memory would grow with the number of inputs."""
-    import numpy as np
     import torch
 
     info = model.tensors[name]
     if model.pickle_state is not None:
         return model.read(name)
-    buf = np.empty(info.nbytes, dtype=np.uint8)
+    view = (torch.empty(info.nbytes, dtype=torch.uint8) if buf is None
+            else buf[: info.nbytes])
     with open(info.file, "rb") as f:
         f.seek(info.offsets[0])
-        if f.readinto(buf) != info.nbytes:
+        if f.readinto(view.numpy()) != info.nbytes:
             raise UserError(f"{info.file}: truncated while reading `{name}`")
-    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-    return torch.from_numpy(buf).view(dtype).reshape(info.shape)
+    return view.view(getattr(torch, TORCH_DTYPE_NAMES[info.dtype])).reshape(info.shape)
 
 
 def average_folders(inputs: list[str | Path], output: str | Path, method: str = "uniform",
@@ -152,8 +129,28 @@ def average_folders(inputs: list[str | Path], output: str | Path, method: str = 
                    disable=None, mininterval=1.0)
     t0 = time.perf_counter()
 
+    # two buffers reused for every tensor (the fp32 accumulator and one input), so their
+    # pages are faulted in once rather than once per tensor and input
+    largest = max(t.numel for t in newest.tensors.values())
+    acc_buf = torch.empty(4 * largest, dtype=torch.uint8)
+    in_buf = torch.empty(max(t.nbytes for m in models for t in m.tensors.values()),
+                         dtype=torch.uint8)
+
     def averaged(name: str):
-        acc = average_tensor((read_tensor(m, name) for m in models), method, decay)
+        info = newest.tensors[name]
+        if all(m.tensors[name].dtype == "F32" and m.pickle_state is None for m in models):
+            acc = read_tensor(models[0], name, acc_buf)  # the first input is the accumulator
+        else:
+            acc = acc_buf[: 4 * info.numel].view(torch.float32).reshape(info.shape)
+            acc.copy_(read_tensor(models[0], name, in_buf))
+        for m in models[1:]:
+            t = read_tensor(m, name, in_buf)
+            if method == "uniform":
+                acc.add_(t)  # ((m1 + m2) + m3 ...) in fp32
+            else:
+                acc.lerp_(t.to(torch.float32), 1.0 - decay)
+        if method == "uniform":
+            acc.div_(float(len(models)))
         # a NaN/Inf input makes the average non-finite, and then its sum: one cheap pass
         if not (bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(acc).all())):
             for m in models:
