@@ -42,7 +42,8 @@ PROMPTS = [["def parse(self, text):\n    return json.loads(text)\n", "import jso
 # ----------------------------------------------------------------------------- step time
 
 
-def step_times(steps: int, batch: int, seq: int) -> dict[str, list[float]]:
+def step_times(steps: int, batch: int, seq: int, impls: tuple[str, ...]
+               ) -> dict[str, list[float]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -52,7 +53,7 @@ def step_times(steps: int, batch: int, seq: int) -> dict[str, list[float]]:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     models = {"small (dense)": LlamaForCausalLM(LlamaConfig(**model_kwargs("small", 4096)))}
-    for impl in ("grouped_mm", "batched_mm", "eager"):
+    for impl in impls:
         torch.manual_seed(0)
         m = MixtralForCausalLM(MixtralConfig(**model_kwargs("small-moe", 4096)))
         m.set_experts_implementation(impl)
@@ -222,7 +223,7 @@ def main() -> int:
              "", f"Command: `.venv/bin/python bench/moe_bench.py --steps {args.steps} --reps "
              f"{args.reps}` (2 CPU threads; a shared 2-core machine, so ratios from alternating "
              "runs, not absolute times, are the result).", ""]
-    times = step_times(args.steps, batch=8, seq=256)
+    times = step_times(args.steps, 8, 256, ("grouped_mm", "eager"))
     med = {n: statistics.median(t) for n, t in times.items()}
     dense = med["small (dense)"]
     lines += ["Training step, 8 × 256 tokens, fp32, forward + backward + AdamW "
@@ -234,6 +235,17 @@ def main() -> int:
     lines += ["", f"Goal ≤ 1.15× the dense step with the same active parameters: best "
               f"{best[1]} at {best[0] / dense:.2f}× — "
               f"{'met' if best[0] / dense <= 1.15 else 'not met'}.", ""]
+    # batched_mm gathers every token's expert weights, (N·k, 2I, H): ~4.5 GB per layer at
+    # 8 × 256 tokens, kept for backward; so all three are compared at 1 × 128 tokens
+    small = step_times(args.steps, 1, 128, ("grouped_mm", "batched_mm", "eager"))
+    med2 = {n: statistics.median(t) for n, t in small.items()}
+    lines += ["Expert implementations at 1 × 128 tokens (`batched_mm` gathers each token's "
+              "expert weights — (N·k, 2I, H) floats, about 4.5 GB per layer at 8 × 256 tokens, "
+              "which ran this machine out of memory):", "",
+              "| model | step (s) | vs dense small |", "|---|---|---|"]
+    for n, t in med2.items():
+        lines.append(f"| {n} | {t:.3f} | {t / med2['small (dense)']:.2f}× |")
+    lines.append("")
     print("\n".join(lines), flush=True)
 
     if not MK.exists():

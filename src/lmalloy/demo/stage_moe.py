@@ -79,10 +79,10 @@ def _prompts(domains: list[str], s: dict) -> dict[str, list[str]]:
     corpus = load_corpus(["stdlib"], domains, [], s["max_chars_per_domain"], quiet=True)
     out = {}
     for d, docs in corpus.domains().items():
-        texts = [doc.text for doc in docs if len(doc.text) > 400]
+        texts = [doc.text for doc in docs if len(doc.text) > 400] or [doc.text for doc in docs]
         # skip licence headers: start at the first line that holds code
         picks = []
-        for t in texts[1:]:
+        for t in texts[1:] + texts[:1]:
             lines = t.splitlines()
             start = next((i for i, x in enumerate(lines) if x.startswith(("def ", "class ",
                                                                         "import ", "from "))),
