@@ -252,3 +252,25 @@ def test_bad_training_flags(tmp_path, capsys, flags, match):
     out = tmp_path / "bad"
     assert_user_error(capsys, "pretrain", "--out", out, *flags, match=match)
     assert not out.exists()
+
+
+def test_swa_lr_phase_shapes():
+    from lmalloy.average.averagers import swa_lr_lambda
+
+    base = lambda s: 1.0 - s / 100  # noqa: E731
+    const = swa_lr_lambda(base, 50, 0.1, "constant")
+    assert [const(s) for s in (0, 49, 50, 99)] == [1.0, base(49), 0.1, 0.1]
+    cos = swa_lr_lambda(base, 50, 0.1, "cos", steps=10)
+    assert cos(49) == base(49) and cos(50) == pytest.approx(base(50))
+    assert cos(55) == pytest.approx(0.1 + (0.5 - 0.1) * 0.5)
+    assert cos(60) == pytest.approx(0.1) and cos(90) == pytest.approx(0.1)
+
+
+def test_average_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, lmalloy.cli as c; c.parse('average', ['a', '--output', 'o']); "
+            "c.parse('pretrain', ['--average', 'ema,lawa', '--lawa.k', '3']); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
