@@ -174,11 +174,11 @@ def _children(pid: int) -> list[int]:
     return kids + [c for k in kids for c in _children(k)]
 
 
-def compose_yaml(base: Path, fts: list[Path]) -> str:
+def compose_yaml(base: Path, fts: list[Path], mode: str = "hidden") -> str:
     import yaml
 
     return yaml.safe_dump({
-        "base_model": str(base), "gate_mode": "hidden", "dtype": "bfloat16",
+        "base_model": str(base), "gate_mode": mode, "dtype": "bfloat16",
         "experts_per_token": 2,
         "experts": [{"source_model": str(f), "positive_prompts": p}
                     for f, p in zip(fts, PROMPTS, strict=True)]})
@@ -218,11 +218,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--gate-modes", default="hidden,cheap_embed",
+                    help="router init(s) compared in the build benchmark")
+    ap.add_argument("--skip-steps", action="store_true", help="only the build benchmark")
+    ap.add_argument("--skip-build", action="store_true", help="only the step-time benchmark")
     args = ap.parse_args()
     lines = ["", "## MoE: step time (small-moe vs dense small) and `moe build` vs mergekit-moe",
-             "", f"Command: `.venv/bin/python bench/moe_bench.py --steps {args.steps} --reps "
-             f"{args.reps}` (2 CPU threads; a shared 2-core machine, so ratios from alternating "
-             "runs, not absolute times, are the result).", ""]
+             "", f"Command: `.venv/bin/python bench/moe_bench.py {' '.join(sys.argv[1:])}` (2 CPU "
+             "threads; a shared 2-core machine, so ratios from alternating runs, not absolute "
+             "times, are the result).", ""]
+    if args.skip_steps:
+        print("\n".join(lines), flush=True)
+        return build_bench(args)
     times = step_times(args.steps, 8, 256, ("grouped_mm", "eager"))
     med = {n: statistics.median(t) for n, t in times.items()}
     dense = med["small (dense)"]
@@ -247,14 +254,22 @@ def main() -> int:
         lines.append(f"| {n} | {t:.3f} | {t / med2['small (dense)']:.2f}× |")
     lines.append("")
     print("\n".join(lines), flush=True)
+    return 0 if args.skip_build else build_bench(args)
 
+
+def build_bench(args) -> int:
     if not MK.exists():
-        lines.append("mergekit-moe not found in bench/.venv-mergekit: build comparison skipped.")
-        print(lines[-1])
+        print("mergekit-moe not found in bench/.venv-mergekit: build comparison skipped.")
         return 0
     base, fts = make_models()
-    cfg = OUT / "compose.yml"
-    cfg.write_text(compose_yaml(base, fts))
+    for mode in args.gate_modes.split(","):
+        build_one(args, base, fts, mode)
+    return 0
+
+
+def build_one(args, base: Path, fts: list[Path], mode: str) -> None:
+    cfg = OUT / f"compose-{mode}.yml"
+    cfg.write_text(compose_yaml(base, fts, mode))
     runs: dict[str, list[dict]] = {"lmalloy": [], "mergekit": []}
     for _ in range(args.reps):
         for tool in ("lmalloy", "mergekit"):
@@ -272,7 +287,7 @@ def main() -> int:
     h, inter, n_layers, vocab = (CFG["hidden_size"], CFG["intermediate_size"],
                                  CFG["num_hidden_layers"], CFG["vocab_size"])
     per_model = 2 * vocab * h + n_layers * (4 * h * h + 3 * h * inter + 2 * h) + h
-    lines2 = ["`moe build` (compose, gate_mode hidden, bf16) vs `mergekit-moe` 0.1.5, the same "
+    lines2 = [f"`moe build` (compose, gate_mode {mode}, bf16) vs `mergekit-moe` 0.1.5, the same "
               f"YAML: base + 3 Llama fine-tunes of {per_model / 1e6:.0f}M parameters each "
               "(hidden 768, 12 layers, FFN 2048, vocabulary 32000) → a 3-expert Mixtral; "
               "median of "
@@ -286,10 +301,10 @@ def main() -> int:
                f"{m('mergekit', 'anon') / max(1, m('lmalloy', 'anon')):.2f}×. "
                f"Outputs compared in the fused layout: {same} of {n} tensors identical; max abs "
                f"difference {worst:.3g} outside the routers, {worst_router:.3g} in the router "
-               "rows (mergekit runs the base in bf16 on a padded batch of prompts, lmalloy in "
-               "fp32 one prompt at a time).", ""]
+               "rows" + (" (mergekit runs the base in bf16 on a padded batch of prompts, "
+                         "lmalloy in fp32 one prompt at a time)." if mode == "hidden" else "."),
+               ""]
     print("\n".join(lines2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -69,24 +69,27 @@ def check_same(base, other, label: str) -> None:
 
 def mixtral_config(dense: dict, n_experts: int, top_k: int, aux_coef: float, dtype: str
                    ) -> dict:
-    """config.json of the Mixtral built from a dense Llama/Mistral config dict."""
-    from transformers import MixtralConfig
+    """config.json of the Mixtral built from a dense Llama/Mistral config dict.
 
-    kw = {k: dense[k] for k in _CONFIG_KEYS if k in dense}
-    if "rope_parameters" not in kw and "rope_theta" in dense:
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": dense["rope_theta"],
-                                 **(dense.get("rope_scaling") or {})}
-    if not kw.get("sliding_window"):
-        kw["sliding_window"] = None
-    kw.update(num_local_experts=n_experts, num_experts_per_tok=top_k,
-              router_aux_loss_coef=aux_coef, output_router_logits=False)
-    cfg = MixtralConfig(**kw)
-    cfg.architectures = ["MixtralForCausalLM"]
-    cfg.dtype = dtype
-    generic = {"label2id", "id2label", "return_dict", "output_hidden_states", "problem_type",
-               "output_attentions", "is_encoder_decoder", "chunk_size_feed_forward",
-               "_name_or_path"}
-    return {k: v for k, v in cfg.to_dict().items() if k not in generic}
+    Written as a plain dict (no transformers import: `random`/`cheap_embed` builds never
+    load it); old-style `rope_theta`/`rope_scaling` keys are kept as they are, which
+    transformers converts on load as it does for every published Mixtral config.
+    """
+    out = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+           "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "use_cache": True,
+           "sliding_window": None}
+    out.update({k: dense[k] for k in _CONFIG_KEYS if k in dense})
+    for k in ("rope_theta", "rope_scaling"):
+        if k in dense and "rope_parameters" not in dense:
+            out[k] = dense[k]
+    out["sliding_window"] = out.get("sliding_window") or None
+    if out.get("head_dim") is None:
+        out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+    out.update(num_local_experts=n_experts, num_experts_per_tok=top_k,
+               router_aux_loss_coef=aux_coef, router_jitter_noise=0.0,
+               output_router_logits=False, dtype=dtype)
+    return dict(sorted(out.items()))
 
 
 def _layer_of(name: str) -> int | None:

@@ -36,7 +36,8 @@ def prompt_hidden_states(model, prompts: list[list[int]]) -> torch.Tensor:
     acc = None
     for ids in prompts:
         x = torch.tensor([ids], dtype=torch.long)
-        out = model(input_ids=x, output_hidden_states=True)
+        body = getattr(model, "model", model)  # the decoder without the LM head
+        out = body(input_ids=x, output_hidden_states=True)
         h = torch.stack(out.hidden_states[:-1])[:, 0, -1, :].float()  # (L, H)
         acc = h if acc is None else acc + h
     return acc / len(prompts)
