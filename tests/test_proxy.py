@@ -14,6 +14,15 @@ from common import assert_user_error, make_llama, run_cli
 PROMPTS = ["def add(a, b):", "class Point:\n    def __init__(self", "import json\n", "for"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread; on a busy machine it only waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("proxy")

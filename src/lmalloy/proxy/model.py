@@ -414,6 +414,7 @@ class ProxyTuned:
         emitted = [0] * B
         scores: list[list[torch.Tensor]] = [[] for _ in range(B)]
         hold = max((len(s) for s in stop), default=1) - 1
+        need_text = bool(stop) or on_text is not None  # else decode once at the end
         pool = ThreadPoolExecutor(1) if parallel and len(states) > 1 else None
         last: torch.Tensor | None = None  # (B,) the tokens fed at this step
         try:
@@ -428,18 +429,22 @@ class ProxyTuned:
                 z = _repetition(z, seen, repetition_penalty)
                 nxt = next_tokens(z, temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=gen)  # (B,)
+                toks = nxt.tolist()
                 for i in range(B):
                     if done[i]:
-                        nxt[i] = self.pad_id
+                        toks[i] = self.pad_id
                         continue
-                    t = int(nxt[i])
+                    t = toks[i]
                     if stop_at_eos and t == self.eos_id:
                         done[i], reason[i] = True, "eos"
-                        nxt[i] = self.pad_id
+                        toks[i] = self.pad_id
                     else:
                         out_ids[i].append(t)
-                        seen[i, t] = True
-                        texts[i] = self.tokenizer.decode(out_ids[i], skip_special_tokens=False)
+                        if t < V:
+                            seen[i, t] = True
+                        if need_text:
+                            texts[i] = self.tokenizer.decode(out_ids[i],
+                                                             skip_special_tokens=False)
                         if stop:
                             cut = min((texts[i].find(s) for s in stop if s in texts[i]),
                                       default=-1)
@@ -454,13 +459,15 @@ class ProxyTuned:
                         if safe > emitted[i]:
                             on_text(i, texts[i][emitted[i]:safe])
                             emitted[i] = safe
-                last = nxt
+                last = torch.tensor(toks, dtype=torch.long)
                 if all(done):
                     break
         finally:
             if pool is not None:
                 pool.shutdown()
         self.last_cache_bytes = {st.m.name: st.cache_bytes() for st in states}
+        if not need_text:
+            texts = [self.tokenizer.decode(r, skip_special_tokens=False) for r in out_ids]
         if on_text is not None:
             for i in range(B):
                 if emitted[i] < len(texts[i]):
