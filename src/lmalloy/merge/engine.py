@@ -415,28 +415,66 @@ def execute(p: Plan) -> None:
         xs = [_read(m, tp.name, tp, ref_t, None if raw else compute) for m in p.models]
         return xs, b
 
+    # reused buffers (accumulator, cast input): no fresh pages per tensor; casting into a
+    # buffer then adding in fp32 is faster on CPU than a mixed-dtype add_
+    buf = {"acc": torch.empty(0, dtype=compute), "x": torch.empty(0, dtype=compute)}
+
+    def buffer(key: str, shape) -> torch.Tensor:
+        n = math.prod(shape)
+        if buf[key].numel() < n:
+            buf[key] = torch.empty(n, dtype=compute)
+        return buf[key][:n].view(shape)
+
+    chunk = 1 << 20
+
+    def linear_chunked(xs, w, shape):
+        """out = Σ wᵢxᵢ in the output dtype, by 1M-entry chunks (4 MB, near cache): inputs are
+        read once, the output written once (6 memory passes fewer than whole-tensor ops)."""
+        n = math.prod(shape)
+        out = torch.empty(n, dtype=out_torch)
+        acc, tmp = buffer("acc", (chunk,)), buffer("x", (chunk,))
+        flat = [x.reshape(-1) for x in xs]
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            c, t = acc[: b - a], tmp[: b - a]
+            c.copy_(flat[0][a:b])
+            if w[0] != 1.0:
+                c.mul_(w[0])
+            for wi, x in zip(w[1:], flat[1:], strict=True):
+                t.copy_(x[a:b])
+                c.add_(t, alpha=wi)
+            out[a:b].copy_(c)
+        return out.view(shape)
+
+    def finite(t) -> bool:
+        """A sum is non-finite if any entry is (one cheap pass); confirm entry-wise."""
+        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
     def compute_one(tp: TensorPlan, xs, b):
         if not tp.merge:
             return p.ref.read(tp.name)
         ctx = TensorCtx(tp.name, cfg.seed, bool(embed.search(tp.name)), thresholds)
         if not propagates:
             for m, x in zip(p.models, xs, strict=True):
-                check_finite(tp.name, x, m.path)
-            if b is not None:
+                if not finite(x):
+                    check_finite(tp.name, x, m.path)
+            if b is not None and not finite(b):
                 check_finite(tp.name, b, p.base.path)
         with torch.no_grad():
-            if raw:
-                out = torch.zeros(tp.shape, dtype=compute)
+            if raw:  # Σ (wᵢ/S)·xᵢ, chunk by chunk in cache, fp32 accumulation
                 w = [float(q["weight"]) for q in tp.params] if cfg.method == "linear" else \
                     [1.0] * len(xs)
-                for wi, x in zip(w, xs, strict=True):
-                    out.add_(x, alpha=wi)
                 norm = cfg.method != "linear" or tp.glob["normalize"]
-                if norm:
-                    out /= sum(w)
+                scale = 1.0 / sum(w) if norm else 1.0
+                out = linear_chunked(xs, [wi * scale for wi in w], tp.shape)
+                if not finite(out):
+                    for f in inputs:
+                        check_finite(tp.name, f.read(tp.name), f.path)
+                    raise UserError(f"merging `{tp.name}` produced NaN or Inf")
+                return out
             else:
                 out = fn(xs, b, tp.params, tp.glob, ctx)
-        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        if out.is_floating_point() and not finite(out):
             for f in inputs:  # name the input that brought it
                 check_finite(tp.name, f.read(tp.name), f.path)
             raise UserError(f"merging `{tp.name}` produced NaN or Inf (check the parameters)")
@@ -522,12 +560,22 @@ def _write_meta(p: Plan, tmp: Path) -> None:
 
 def merge(cfg: MergeConfig) -> Path:
     """Plan (all checks), then stream the merge into `cfg.output`. Returns the output path."""
+    import torch
+
+    # Merging is memory-bound: one compute thread beside the reader and writer threads is
+    # as fast on an idle machine and far faster on a busy one (OpenMP barriers spin when
+    # cores are oversubscribed). Restored afterwards: in-process callers keep theirs.
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or 1)
+    try:
+        return _merge(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _merge(cfg: MergeConfig) -> Path:
     import time
 
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     from lmalloy.merge.lora import is_adapter, merge_adapters
 
     if any(is_adapter(m.model) for m in cfg.models):

@@ -93,14 +93,44 @@ class Method:
 
 # --------------------------------------------------------------------------- helpers
 
-def _weights(p: list[dict], like: Tensor, key: str = "weight") -> Tensor:
-    """(N, 1, ..., 1) weights broadcastable against a stack of N tensors like `like`."""
-    w = torch.tensor([float(q[key]) for q in p], dtype=like.dtype)
-    return w.view(-1, *([1] * like.dim()))
+def kth_largest(a: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of a non-negative fp32 tensor, by radix selection.
+
+    Non-negative IEEE floats order like their bit patterns, so a histogram of the top 16
+    bits (32,768 bins) finds the bucket holding the k-th largest; an exact `kthvalue` runs on
+    that bucket alone (~1% of the entries). No sort; ~4x faster than `kthvalue` on the whole.
+    """
+    a = a.reshape(-1)
+    if a.dtype != torch.float32:
+        a = a.float()
+    hi = a.view(torch.int32) >> 16  # (n,) in [0, 32767] for a >= 0
+    from_top = torch.bincount(hi, minlength=1 << 15).flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k)))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    sub = a[hi == (1 << 15) - 1 - j]
+    return torch.kthvalue(sub, sub.numel() - (k - above) + 1).values
+
+
+def trim(x: Tensor, density: float, threshold: float | None = None) -> Tensor:
+    """x where |x| is among its top `density` fraction (or >= `threshold`), else 0."""
+    import torch.nn.functional as F
+
+    a = x.abs()
+    if threshold is None:
+        n = a.numel()
+        if density >= 1:
+            return x
+        if density <= 0 or n == 0:
+            return torch.zeros_like(x)
+        threshold = kth_largest(a, max(1, int(density * n)))
+    thr = torch.as_tensor(threshold, dtype=a.dtype)
+    below = float(torch.nextafter(thr, torch.tensor(-math.inf, dtype=a.dtype)))
+    # threshold(a, below) keeps a > below, i.e. a >= thr, exactly; |x|·sign(x) == x
+    return F.threshold(a, below, 0.0).mul_(x.sign())
 
 
 def topk_mask(x: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """Boolean mask of the top `density` fraction of |x| (a kthvalue threshold, no sort).
+    """Boolean mask of the top `density` fraction of |x| (a selected threshold, no sort).
 
     Entries tied with the k-th largest magnitude are all kept (mergekit's argsort keeps
     exactly k and breaks ties arbitrarily; with continuous weights ties do not occur).
@@ -114,8 +144,7 @@ def topk_mask(x: Tensor, density: float, threshold: float | None = None) -> Tens
     if density <= 0 or n == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one
-    thr = torch.kthvalue(a.reshape(-1), n - k + 1).values  # the k-th largest magnitude
-    return a >= thr
+    return a >= kth_largest(a, k)
 
 
 def dare_mask(shape: torch.Size, density: float, ctx: TensorCtx, i: int) -> Tensor:
@@ -131,48 +160,57 @@ def _l1_rescale(before: Tensor, after: Tensor, eps: float = 1e-7) -> Tensor:
     return after if a < eps or b < eps else after * (a / b)
 
 
-def sign_consensus(wd_N: Tensor) -> Tensor:
-    """mergekit's `sum` vote: elect sign(Σ wᵢτᵢ) (ties -> +); mask of entries agreeing."""
-    majority = torch.where(wd_N.sum(dim=0) >= 0, 1.0, -1.0).to(wd_N.dtype)
-    return wd_N.sign() == majority
-
-
 def _generalized(xs: list[Tensor], base: Tensor, p: list[dict], g: dict, ctx: TensorCtx,
                  sparsify: str | None, consensus: bool) -> Tensor:
-    """mergekit's generalized task arithmetic: sparsify, weight, (sign-vote), sum, scale."""
-    deltas = []
+    """mergekit's generalized task arithmetic: sparsify, weight, (sign-vote), sum, scale.
+
+    Written delta by delta (no (N, ...) stack): the same arithmetic as mergekit's
+    `generalized_task_arithmetic.py` with fewer full-size temporaries.
+    """
+    w = [float(q["weight"]) for q in p]
+    deltas = []  # wᵢ·τᵢ after sparsification
     for i, (x, q) in enumerate(zip(xs, p, strict=True)):
         d = x - base
         density = float(q.get("density", 1.0))
         if sparsify == "magnitude":
             thr = ctx.thresholds[i] if ctx.thresholds is not None else None
             if density < 1 or thr is not None:
-                kept = d * topk_mask(d, density, thr)
+                kept = trim(d, density, thr)
                 d = _l1_rescale(d, kept) if g.get("rescale", False) else kept
         elif sparsify == "random" and density < 1:
-            d = d * dare_mask(d.shape, density, ctx, i)
+            d = torch.where(dare_mask(d.shape, density, ctx, i), d, 0.0)
             if g.get("rescale", True):
-                d = d / density
+                d.div_(density)
+        if w[i] != 1.0:
+            d.mul_(w[i])
         deltas.append(d)
-    d_N = torch.stack(deltas)  # (N, *shape)
-    del deltas
-    w = _weights(p, base)
-    wd_N = d_N * w
-    del d_N
     if consensus:
-        mask = sign_consensus(wd_N).to(wd_N.dtype)
-        mixed = (wd_N * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        total = deltas[0].clone()
+        for d in deltas[1:]:
+            total.add_(d)
+        # elected sign ±1 (Σ wᵢτᵢ >= 0 -> +; a −0.0 sum only arises where every entry is 0)
+        sgn = torch.ones_like(total).copysign_(total)
+        del total
+        mixed = torch.zeros_like(base)  # Σ over agreeing entries of |wᵢτᵢ|
+        divisor = torch.zeros_like(base)  # Σ over agreeing entries of wᵢ
+        for wi, d in zip(w, deltas, strict=True):
+            agreed = (d * sgn).clamp_min_(0.0)  # |wᵢτᵢ| where its sign is the elected one
+            mixed.add_(agreed)
+            divisor.add_(agreed.sign_(), alpha=wi)  # float ops only: bool masks are slow
+        mixed.mul_(sgn)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = wd_N.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = deltas[0].clone()
+        for d in deltas[1:]:
+            mixed.add_(d)
+        s = sum(w)
+        divisor = s if abs(s) >= 1e-8 else 1.0
+    del deltas
     if g["normalize"]:
         mixed = mixed / divisor
     lam = float(g.get("lambda", 1.0))
     if lam != 1:
-        mixed = mixed * lam
+        mixed.mul_(lam)
     return base + mixed
 
 
