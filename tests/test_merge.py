@@ -431,3 +431,29 @@ def test_greedy_soup_skips_a_model_that_hurts(capsys, zoo, tmp_path, tokenizer_d
     M, S = sd(out), [sd(Path(k)) for k in kept]
     for k in M:
         close(M[k], sum(s[k] for s in S) / len(S))
+
+
+def test_help_is_fast_and_imports_no_torch():
+    import sys
+
+    code = ("import sys, time; t = time.perf_counter(); from lmalloy.cli import main\n"
+            "try:\n    main(['merge', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules, "
+            "time.perf_counter() - t, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    torch_in, tf_in, secs = r.stderr.split()
+    assert torch_in == "False" and tf_in == "False"
+    assert float(secs) < 1.0
+
+
+def test_mergekit_yaml_keys(capsys, zoo, tmp_path):
+    f0, f1 = zoo["fts"][:2]
+    yml = tmp_path / "mk.yaml"
+    yml.write_text(f"merge_method: linear\nmodels:\n  - model: {f0}\n    parameters:\n"
+                   f"  - model: {f1}\n    parameters: {{weight: 3}}\n"
+                   "out_dtype: bfloat16\ntokenizer:\n  source: base\n")
+    out = merge(capsys, yml, "--output", tmp_path / "mk")
+    M, X0, X1 = sd(out), sd(f0), sd(f1)
+    for k in M:
+        close(M[k], ((X0[k] + 3 * X1[k]) / 4).bfloat16().float(), 1e-2)
+    assert load_file(out / "model.safetensors")[k].dtype == torch.bfloat16

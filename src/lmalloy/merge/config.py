@@ -44,6 +44,11 @@ class ModelEntry(Config):
     parameters: dict[str, Any] = Field({}, description="per-model parameters (weight, density, "
                                        "...); values may be gradients or filtered lists")
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return {} if v is None else v  # mergekit YAML: `parameters:` left empty
+
 
 def _check_plain(where: str, name: str, value: Any) -> None:
     """Structural check of one parameter value (a number, a gradient, or a filter list)."""
