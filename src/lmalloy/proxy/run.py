@@ -176,7 +176,7 @@ def eval_main(cfg) -> int:
         model = load_causal_lm(cfg.tuned_large, cfg.allow_pickle, cfg.dtype).to(cfg.device)
         tl = ProxyTuned(Member(cfg.tuned_large, "large", model, tl_tok, cfg.large_format,
                                context_length(model.config)), [], [])
-    zero = [0.0] * len(proxy.pairs)
+    large_alone = ProxyTuned(proxy.large, [], [])  # the same model, no pairs run
     steer = " + ".join(f"{a:g}*({t} - {u})" for a, t, u in zip(
         proxy.alphas, cfg.tuned, cfg.untuned, strict=True))
     rows: dict[str, dict] = {"large": {"model": cfg.large},
@@ -192,7 +192,7 @@ def eval_main(cfg) -> int:
         meta = pack(corpus, tok, folder, cfg.val_fraction, cfg.seed)
         splits = ["train", "val"] if cfg.split == "all" else [cfg.split]
         tb = tok.token_bytes()
-        fns = {"large": lambda x: proxy.logits(x, alphas=zero).to(x.device),
+        fns = {"large": lambda x: large_alone.logits(x).to(x.device),
                "proxy-tuned": lambda x: proxy.logits(x).to(x.device)}
         if tl is not None:
             fns["tuned large"] = lambda x: tl.logits(x).to(x.device)
@@ -213,8 +213,8 @@ def eval_main(cfg) -> int:
                               bpb=nll / math.log(2) / nbytes if nbytes else float("nan"))
     if items is not None:
         with torch.no_grad():
-            rows["large"]["accuracy"] = proxy.choose(items, cfg.batch_size, cfg.normalize,
-                                                     alphas=zero)["accuracy"]
+            rows["large"]["accuracy"] = large_alone.choose(items, cfg.batch_size,
+                                                           cfg.normalize)["accuracy"]
             rows["proxy-tuned"]["accuracy"] = proxy.choose(items, cfg.batch_size,
                                                            cfg.normalize)["accuracy"]
             if tl is not None:
