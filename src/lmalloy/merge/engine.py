@@ -390,7 +390,7 @@ def execute(p: Plan) -> None:
 
     from lmalloy.io.folder import check_finite
     from lmalloy.io.writer import ShardedWriter, atomic_output
-    from lmalloy.merge.methods import METHODS, TensorCtx
+    from lmalloy.merge.methods import METHODS, TensorCtx, kth_largest
 
     cfg = p.cfg
     fn = METHODS[cfg.method].fn
@@ -398,6 +398,10 @@ def execute(p: Plan) -> None:
     out_torch = getattr(torch, p.out_dtype)
     # linear/soup accumulate in place, so inputs need no fp32 copy of their own
     raw = cfg.method in ("linear", "soup", "greedy_soup")
+    # TIES without L1 rescale is elementwise once each model's threshold is known: it runs
+    # chunk by chunk on inputs kept in their own dtype (peak memory ~ one fp32 tensor)
+    chunked_ties = cfg.method == "ties" and not any(
+        tp.glob.get("rescale") for tp in p.tensors)
     # methods where a NaN/Inf input always reaches the output: check the output only
     propagates = cfg.method not in ("ties", "dare_ties", "dare_linear")
     thresholds = None
@@ -411,8 +415,9 @@ def execute(p: Plan) -> None:
         if not tp.merge:
             return None, None
         ref_t = p.ref.read(tp.name)
-        b = ref_t.to(compute) if p.base is not None else None
-        xs = [_read(m, tp.name, tp, ref_t, None if raw else compute) for m in p.models]
+        keep = raw or chunked_ties
+        b = (ref_t if keep else ref_t.to(compute)) if p.base is not None else None
+        xs = [_read(m, tp.name, tp, ref_t, None if keep else compute) for m in p.models]
         return xs, b
 
     # reused buffers (accumulator, cast input): no fresh pages per tensor; casting into a
@@ -446,6 +451,35 @@ def execute(p: Plan) -> None:
             out[a:b].copy_(c)
         return out.view(shape)
 
+    def ties_chunked(tp: TensorPlan, xs, base, ctx):
+        """Each model's magnitude threshold on its whole τ for this tensor (one fp32 τ at a
+        time), then `ties` on 1M-entry chunks with those thresholds: the same result."""
+        n = math.prod(tp.shape)
+        flat = [x.reshape(-1) for x in xs]
+        bflat = base.reshape(-1)
+        thr = ctx.thresholds
+        if thr is None:
+            thr = []
+            b32 = bflat.to(compute)
+            for x, q in zip(flat, tp.params, strict=True):
+                dens = float(q["density"])
+                if dens >= 1:
+                    thr.append(0.0)  # keeps every entry
+                elif dens <= 0:
+                    thr.append(math.inf)
+                else:
+                    a = (x.to(compute) - b32).abs_()  # never in place: x may be the input
+                    thr.append(float(kth_largest(a, max(1, int(dens * n)))))
+                    del a
+            del b32
+        cctx = TensorCtx(ctx.name, ctx.seed, ctx.is_embed, tuple(thr))
+        out = torch.empty(n, dtype=out_torch)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            out[a:b] = fn([x[a:b].to(compute) for x in flat], bflat[a:b].to(compute),
+                          tp.params, tp.glob, cctx)
+        return out.view(tp.shape)
+
     def finite(t) -> bool:
         """A sum is non-finite if any entry is (one cheap pass); confirm entry-wise."""
         return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
@@ -472,6 +506,8 @@ def execute(p: Plan) -> None:
                         check_finite(tp.name, f.read(tp.name), f.path)
                     raise UserError(f"merging `{tp.name}` produced NaN or Inf")
                 return out
+            elif chunked_ties:
+                out = ties_chunked(tp, xs, b, ctx)
             else:
                 out = fn(xs, b, tp.params, tp.glob, ctx)
         if out.is_floating_point() and not finite(out):
