@@ -105,9 +105,9 @@ class MergeConfig(DataFields):
     max_shard_size: int = Field(5 * 1024**3, gt=0, description="bytes per output shard")
     allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
     progress: bool = Field(True, description="show a progress bar")
-    threads: int | None = Field(None, gt=0, description="torch compute threads (default 1: "
-                                "merging is memory-bound; reading and writing run in threads "
-                                "of their own)")
+    threads: int | None = Field(None, gt=0, description="workers for TIES chunks (default 1; "
+                                "more help only on idle cores); torch runs one thread, "
+                                "reading and writing one each")
     # greedy_soup: held-out data (the DataFields above choose the corpus)
     seq_len: int = Field(256, gt=1, description="greedy_soup: evaluation window")
     eval_tokens: int = Field(65536, gt=0, description="greedy_soup: held-out tokens per model")

@@ -451,6 +451,10 @@ def execute(p: Plan) -> None:
             out[a:b].copy_(c)
         return out.view(shape)
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpool = ThreadPoolExecutor(cfg.threads or 1)
+
     def ties_chunked(tp: TensorPlan, xs, base, ctx):
         """Each model's magnitude threshold on its whole τ for this tensor (one fp32 τ at a
         time), then `ties` on 1M-entry chunks with those thresholds: the same result."""
@@ -474,10 +478,14 @@ def execute(p: Plan) -> None:
             del b32
         cctx = TensorCtx(ctx.name, ctx.seed, ctx.is_embed, tuple(thr))
         out = torch.empty(n, dtype=out_torch)
-        for a in range(0, n, chunk):
+
+        def part(a: int) -> None:
             b = min(n, a + chunk)
             out[a:b] = fn([x[a:b].to(compute) for x in flat], bflat[a:b].to(compute),
                           tp.params, tp.glob, cctx)
+
+        # chunks are independent: `--threads` workers share them (torch releases the GIL)
+        list(cpool.map(part, range(0, n, chunk)))
         return out.view(tp.shape)
 
     def finite(t) -> bool:
@@ -598,11 +606,12 @@ def merge(cfg: MergeConfig) -> Path:
     """Plan (all checks), then stream the merge into `cfg.output`. Returns the output path."""
     import torch
 
-    # Merging is memory-bound: one compute thread beside the reader and writer threads is
-    # as fast on an idle machine and far faster on a busy one (OpenMP barriers spin when
-    # cores are oversubscribed). Restored afterwards: in-process callers keep theirs.
+    # One torch (OpenMP) thread: merging is memory-bound, and OpenMP barriers spin when
+    # cores are oversubscribed (a 4-7x slow-down measured on a busy 2-core machine). TIES
+    # spreads its chunks over `--threads` Python workers instead (torch releases the GIL).
+    # Restored afterwards: in-process callers keep theirs.
     before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or 1)
+    torch.set_num_threads(1)
     try:
         return _merge(cfg)
     finally:
