@@ -340,3 +340,24 @@ def test_cli_eval_bad_inputs(models, bad, tmp_path, capsys):
                       "--choices", choices, match="first differing token at id 300")
     assert_user_error(capsys, *base, "--alpha=-inf", "--no-perplexity", "--choices",
                       choices, match="must be finite")
+
+
+def test_chat_format_uses_the_tuned_tokenizers_template(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    chat = tmp_path / "chat"
+    shutil.copytree(models["tuned"], chat)
+    cfg = json.loads((chat / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}<|endoftext|>[{{ m.role }}] {{ m.content }}"
+                            "{% endfor %}{% if add_generation_prompt %}\n[assistant] {% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(cfg))
+    models = {**models, "chat": chat}
+    px = _proxy(models, tuned=("chat",), formats={"tuned": "chat"})
+    tok = AutoTokenizer.from_pretrained(chat)
+    want = tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert want.startswith("<|endoftext|>[user] hi")
+    tuned = px.pairs[0][0]
+    assert px.encode_prompt(tuned, "hi") == tok(want, add_special_tokens=False)["input_ids"]
+    assert px.encode_prompt(px.large, "hi") == _ids(px.tokenizer, "hi")
+    assert px.generate(["hi"], max_new_tokens=3, stop_at_eos=False)[0].tokens
