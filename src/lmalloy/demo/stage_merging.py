@@ -171,6 +171,7 @@ def run(ctx) -> dict:
     md.append(
         f"> {'Yes' if most else 'No'}: the best merge by mean held-out loss, {best}, keeps "
         f"{shares} of each expert's gain over the base"
+        + (f" (the {len(improved)} expert(s) that beat the base)" if failed else "")
         + (" — most of every expert's gain, in one model." if most else
            " — not most of every expert's gain: one merged model trades part of each "
            "expert's specialisation for coverage of all three domains.")
