@@ -16,13 +16,13 @@ result is an error.
 from __future__ import annotations
 
 import glob as globlib
-import json
 import os
 import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmalloy.data.jsonl import iter_jsonl
 from lmalloy.errors import UserError, unknown
 
 
@@ -86,18 +86,7 @@ def _read_text(path: Path, skipped: list[str]) -> str | None:
 
 def _jsonl_documents(path: Path, domain: str, text_field: str = "text") -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {i}: not valid JSON ({e.msg})") from None
+    for i, obj in iter_jsonl(path, "--data file"):
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
             raise UserError(f"{path} line {i}: expected an object with a string "
                             f"`{text_field}` field")

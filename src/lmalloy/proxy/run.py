@@ -13,22 +13,14 @@ import os
 import sys
 from pathlib import Path
 
+from lmalloy.data.jsonl import iter_jsonl
 from lmalloy.errors import UserError
 
 
 def read_prompts(path: str) -> list[str]:
     """Prompts of a JSONL file: one {"prompt": ...} object or JSON string per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompt file not found: {path}")
     prompts = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not JSON ({e.msg})") from None
+    for n, obj in iter_jsonl(path, "prompt file"):
         if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
             prompts.append(obj["prompt"])
         elif isinstance(obj, str):
@@ -43,17 +35,8 @@ def read_prompts(path: str) -> list[str]:
 
 def read_choices(path: str) -> list[dict]:
     """Multiple-choice items: {"context": str, "choices": [str, ...], "answer": int}."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"choices file not found: {path}")
     items = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            it = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not JSON ({e.msg})") from None
+    for n, it in iter_jsonl(path, "choices file"):
         ok = (isinstance(it, dict) and isinstance(it.get("context"), str)
               and isinstance(it.get("choices"), list) and len(it["choices"]) >= 2
               and all(isinstance(c, str) for c in it["choices"])

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmalloy.data.jsonl import iter_jsonl
 from lmalloy.errors import UserError
 
 REQUIRED = ("prompt", "chosen", "rejected")
@@ -46,20 +47,8 @@ class Pair:
 def read_pairs(path: str | Path) -> list[Pair]:
     """Pairs of one JSONL file; a bad line is a UserError naming the file and line."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"preference data not found: {p}")
     pairs: list[Pair] = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {i}: not valid JSON ({e.msg})") from None
+    for i, obj in iter_jsonl(p, "preference data"):
         if not isinstance(obj, dict):
             raise UserError(f"{p} line {i}: expected a JSON object with "
                             f"{', '.join(REQUIRED)}")
