@@ -18,10 +18,15 @@ tokens = np.memmap(train_bin, dtype=dtype, mode="r")
 if compile_ == "0":
     torch.compile = lambda m, *a, **k: m  # litgpt compiles unconditionally; allow eager too
 
+import litgpt.pretrain  # noqa: E402
 from litgpt import Config  # noqa: E402
 from litgpt.args import EvalArgs, LogArgs, TrainArgs  # noqa: E402
 from litgpt.data.base import DataModule  # noqa: E402
 from litgpt.pretrain import setup  # noqa: E402
+
+# litgpt saves its hyperparameters by re-parsing sys.argv as its own CLI; this driver has
+# its own arguments, so skip that step (it does not affect training)
+litgpt.pretrain.save_hyperparameters = lambda *a, **k: None
 
 
 class Chunks(Dataset):

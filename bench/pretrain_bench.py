@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LMALLOY = [str(ROOT / ".venv" / "bin" / "python"), "-m", "lmalloy"]
 LITGPT_PY = ROOT / "bench" / ".venv-litgpt" / "bin" / "python"
 T, GLOBAL_TOKENS, MICRO = 256, 16384, 16
+# the same threads and OpenMP wait policy for both (OpenMP's default, ACTIVE; the lmalloy
+# CLI otherwise defaults to PASSIVE, which is safer on a shared machine)
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
 
 
 def run_lmalloy(work: Path, tok: Path, steps: int, compile_: bool, tag: str) -> float:
@@ -41,7 +44,7 @@ def run_lmalloy(work: Path, tok: Path, steps: int, compile_: bool, tag: str) -> 
            "--no-progress", "--overwrite", "--threads", "2"]
     if compile_:
         cmd.append("--compile")
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, env=ENV)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in recs if "loss" in r and r["step"] > 2)
 
@@ -52,7 +55,7 @@ def run_litgpt(work: Path, data: Path, steps: int, compile_: bool, tag: str) -> 
                     str(data / "train.bin"), "uint16", str(out), str(steps), str(T),
                     str(GLOBAL_TOKENS // T), str(MICRO), "4096", "1" if compile_ else "0"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+                   env=ENV)
     rows = list(csv.DictReader(open(next(out.glob("logs/csv/*/metrics.csv")))))
     accum = GLOBAL_TOKENS // (T * MICRO)
     steps_rows = [r for r in rows if int(r["iter"]) % accum == 0]
