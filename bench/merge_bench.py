@@ -21,9 +21,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from procmem import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 MK_VENV = ROOT / "bench" / ".venv-mergekit"
@@ -76,52 +77,6 @@ def make_models(n: int = 3, noise: float = 0.01) -> tuple[Path, list[Path]]:
         (f / "config.json").write_text(json.dumps(config, indent=2))
         del sd
     return folders[0], folders[1:]
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall time and peak RSS / RssAnon of a process (and its children), sampled from /proc."""
-    peak = {"rss": 0, "anon": 0}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss = anon = 0
-            for pid in [proc.pid, *_children(proc.pid)]:
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            rss += int(line.split()[1]) * 1024
-                        elif line.startswith("RssAnon:"):
-                            anon += int(line.split()[1]) * 1024
-                except OSError:
-                    pass
-            peak["rss"] = max(peak["rss"], rss)
-            peak["anon"] = max(peak["anon"], anon)
-            done.wait(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    done.set()
-    th.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err[-2000:]}")
-    return {"wall": wall, "rss": peak["rss"], "anon": peak["anon"]}
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    out = [int(k) for k in kids]
-    for k in list(out):
-        out += _children(k)
-    return out
 
 
 def yaml_for(method: str, base: Path, fts: list[Path]) -> str:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from procmem import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 MK = ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-moe"
@@ -130,48 +129,6 @@ def make_models() -> tuple[Path, list[Path]]:
         for t in tok.iterdir():
             shutil.copyfile(t, f / t.name)
     return folders[0], folders[1:]
-
-
-def run_measured(cmd: list[str]) -> dict:
-    """Wall time and peak RSS / RssAnon of a process tree, sampled from /proc."""
-    peak = {"rss": 0, "anon": 0}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss = anon = 0
-            for pid in [proc.pid, *_children(proc.pid)]:
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            rss += int(line.split()[1]) * 1024
-                        elif line.startswith("RssAnon:"):
-                            anon += int(line.split()[1]) * 1024
-                except OSError:
-                    pass
-            peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
-            done.wait(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    done.set()
-    th.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err[-3000:]}")
-    return {"wall": wall, "rss": peak["rss"], "anon": peak["anon"]}
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return kids + [c for k in kids for c in _children(k)]
 
 
 def compose_yaml(base: Path, fts: list[Path], mode: str = "hidden") -> str:
