@@ -147,7 +147,7 @@ def main() -> int:
             for tool in ("lmalloy", "mergekit"):
                 out = OUT / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = ([str(LM), "merge", str(y), "--output", str(out), "--no-progress"]
+                cmd = ([str(LM), "merge", str(y), "--out", str(out), "--no-progress"]
                        if tool == "lmalloy" else
                        [str(mk_yaml), str(y), str(out), "--no-copy-tokenizer",
                         "--no-write-model-card", "--quiet"])

@@ -46,7 +46,7 @@ def step_times(steps: int, batch: int, seq: int, impls: tuple[str, ...]
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    from lmalloy.moe.train import router_aux
+    from lmalloy.train.moe import router_aux
     from lmalloy.train.presets import model_kwargs
 
     torch.set_num_threads(2)

@@ -39,13 +39,13 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lmalloy.average.weighted import Combination, write_average
     from lmalloy.data.corpus import load_corpus
     from lmalloy.data.tokenizer import train_tokenizer
     from lmalloy.io.folder import open_model
     from lmalloy.reward.data import generate
     from lmalloy.reward.model import Encoder, reward_from_causal_lm, score
     from lmalloy.reward.train import save_reward_model
-    from lmalloy.reward.warm import average_into
     from lmalloy.train.presets import model_kwargs
     from lmalloy.train.trainer import param_groups
 
@@ -132,9 +132,8 @@ def main() -> int:
         folders.append(f)
         models.append(m.eval())
     t0 = time.perf_counter()
-    (tmp / "warm").mkdir()
-    average_into([open_model(f) for f in folders], [1 / args.models] * args.models,
-                 tmp / "warm")
+    write_average([open_model(f) for f in folders], Combination.uniform(args.models),
+                  tmp / "warm")
     res["warm_build_s"] = time.perf_counter() - t0
     warm = reward_from_causal_lm(tmp / "warm", head_seed=0).eval()
 

@@ -274,7 +274,7 @@ def test_analyze_cli(capsys, models, tmp_path):
                 "--num-experts", "4", "--out", upc)
     rc, stdout, err = run_cli(capsys, "moe", "analyze", models["root"] / "up-per_expert",
                               "--data", data, "--split", "all", "--seq-len", "32",
-                              "--max-tokens", "256", "--out", out, "--init",
+                              "--eval-tokens", "256", "--out", out, "--init",
                               models["root"] / "up-per_expert")
     assert rc == 0, err
     r = json.loads((out / "routing.json").read_text())

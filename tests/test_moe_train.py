@@ -20,7 +20,7 @@ FAST = ["--domains", "json", "--seq-len", "32", "--global-batch-tokens", "256",
 def test_router_aux_matches_transformers_for_one_layer():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from lmalloy.moe.train import router_aux
+    from lmalloy.train.moe import router_aux
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 8, generator=g) * 2

@@ -155,7 +155,7 @@ def test_padded_head_is_cut_to_the_common_vocabulary(models):
 def test_logits_and_perplexity_hook(models):
     import numpy as np
 
-    from lmalloy.eval.perplexity import evaluate
+    from lmalloy.train.heldout import evaluate
 
     px = _proxy(models, alpha=(0.7,))
     x = torch.randint(2, 320, (2, 20))

@@ -93,7 +93,7 @@ def test_bad_jsonl_lines_are_named(capsys, tmp_path, tiny_llama, line, match):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n' + line + "\n")
     out = tmp_path / "rm"
-    assert_user_error(capsys, "reward", "train", "--init-from", tiny_llama, "--data", f,
+    assert_user_error(capsys, "reward", "train", "--base-model", tiny_llama, "--pairs", f,
                       "--out", out, match=match)
     assert not out.exists()
 
@@ -102,7 +102,7 @@ def test_empty_preference_set(capsys, tmp_path, tiny_llama):
     f = tmp_path / "empty.jsonl"
     f.write_text("\n\n")
     out = tmp_path / "rm"
-    assert_user_error(capsys, "reward", "train", "--init-from", tiny_llama, "--data", f,
+    assert_user_error(capsys, "reward", "train", "--base-model", tiny_llama, "--pairs", f,
                       "--out", out, match="no preference pairs")
     assert not out.exists()
 
@@ -176,10 +176,10 @@ def trained(tmp_path_factory, tiny_llama, pairs_file):
     from lmalloy.cli import main
 
     out = tmp_path_factory.mktemp("rm") / "run"
-    rc = main(["reward", "train", "--init-from", str(tiny_llama), "--data", str(pairs_file),
+    rc = main(["reward", "train", "--base-model", str(tiny_llama), "--pairs", str(pairs_file),
                "--out", str(out), "--num-models", "3", "--lr", "1e-4,1e-3", "--dropout",
                "0,0.1", "--batch-size", "8", "--max-steps", "3", "--no-progress",
-               "--max-len", "64"])
+               "--seq-len", "64"])
     assert rc == 0
     return out
 
@@ -211,9 +211,9 @@ def test_baklava_inits_from_different_checkpoints(capsys, tmp_path, tiny_llama, 
     from common import make_llama
 
     other = make_llama(tmp_path / "ckpt2", tokenizer_dir, noise_from=tiny_llama, noise=0.05)
-    rc, _, err = run_cli(capsys, "reward", "train", "--init-from", f"{tiny_llama},{other}",
-                         "--num-models", "2", "--data", pairs_file, "--out", tmp_path / "bk",
-                         "--max-steps", "1", "--lr", "1e-9", "--no-progress", "--max-len", "32")
+    rc, _, err = run_cli(capsys, "reward", "train", "--base-model", f"{tiny_llama},{other}",
+                         "--num-models", "2", "--pairs", pairs_file, "--out", tmp_path / "bk",
+                         "--max-steps", "1", "--lr", "1e-9", "--no-progress", "--seq-len", "32")
     assert rc == 0, err
     a, b = (AutoModelForSequenceClassification.from_pretrained(tmp_path / "bk" / f"rm-0{i}")
             for i in range(2))
@@ -228,6 +228,6 @@ def test_baklava_inits_from_different_checkpoints(capsys, tmp_path, tiny_llama, 
 
 
 def test_baklava_needs_one_init_per_model(capsys, tmp_path, tiny_llama, pairs_file):
-    assert_user_error(capsys, "reward", "train", "--init-from", f"{tiny_llama},{tiny_llama}",
-                      "--num-models", "3", "--data", pairs_file, "--out", tmp_path / "x",
-                      match="--init-from")
+    assert_user_error(capsys, "reward", "train", "--base-model", f"{tiny_llama},{tiny_llama}",
+                      "--num-models", "3", "--pairs", pairs_file, "--out", tmp_path / "x",
+                      match="--base-model")

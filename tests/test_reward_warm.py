@@ -183,8 +183,8 @@ def test_reward_eval_end_to_end(capsys, tmp_path, rms, tiny_llama):
     train = D.generate(docs, ["shuffle"], 10, label_noise=0.3, seed=2)
     D.write_pairs(test, tmp_path / "test.jsonl")
     D.write_pairs(train, tmp_path / "train.jsonl")
-    rc, out, err = run_cli(capsys, "reward", "eval", rms[0].parent, "--data",
-                           tmp_path / "test.jsonl", "--train-data", tmp_path / "train.jsonl",
+    rc, out, err = run_cli(capsys, "reward", "eval", rms[0].parent, "--pairs",
+                           tmp_path / "test.jsonl", "--train-pairs", tmp_path / "train.jsonl",
                            "--policy", tiny_llama, "--gold", rms[2], "--bon-n", "3",
                            "--bon-prompts", "3", "--max-new-tokens", "5", "--out",
                            tmp_path / "res.json")
@@ -210,10 +210,10 @@ def test_reward_eval_end_to_end(capsys, tmp_path, rms, tiny_llama):
 
 
 def test_eval_best_of_n_needs_policy_and_gold(capsys, tmp_path, rms, tiny_llama):
-    assert_user_error(capsys, "reward", "eval", rms[0], rms[1], "--data", tmp_path / "x.jsonl",
+    assert_user_error(capsys, "reward", "eval", rms[0], rms[1], "--pairs", tmp_path / "x.jsonl",
                       "--policy", tiny_llama, match="needs both --policy and --gold")
 
 
 def test_eval_missing_data_file(capsys, tmp_path, rms):
-    assert_user_error(capsys, "reward", "eval", rms[0], rms[1], "--data", tmp_path / "x.jsonl",
+    assert_user_error(capsys, "reward", "eval", rms[0], rms[1], "--pairs", tmp_path / "x.jsonl",
                       match="preference data not found")

@@ -101,9 +101,35 @@ def _split_command(argv: list[str]) -> tuple[str, list[str]]:
     if argv[0] in groups:
         subs = [n.split()[1] for n in COMMANDS if n.startswith(argv[0] + " ")]
         word = argv[1] if len(argv) > 1 else ""
+        if word in ("", "-h", "--help", "help"):
+            raise _GroupHelp(argv[0])
         raise unknown(f"`{argv[0]}` subcommand", word, subs)
     names = {n.split()[0] for n in COMMANDS}
     raise unknown("command", argv[0], names)
+
+
+class _GroupHelp(Exception):
+    """`lmalloy GROUP` or `lmalloy GROUP --help`: list the group's subcommands."""
+
+
+def _group_help(group: str) -> str:
+    names = [n for n in COMMANDS if n.startswith(group + " ")]
+    width = max(len(n) for n in names)
+    return "\n".join([f"usage: lmalloy {group} SUBCOMMAND [--flags ...]", "", "subcommands:"]
+                     + [f"  {n:<{width}}  {COMMANDS[n][2]}" for n in names]
+                     + ["", f"`lmalloy {group} SUBCOMMAND --help` lists its flags."])
+
+
+def setup_threads(cfg) -> None:
+    """`--threads N` of any command: torch's intra-op threads, set once before the work."""
+    from lmalloy.config import _extra
+
+    field = type(cfg).model_fields.get("threads")
+    n = getattr(cfg, "threads", None)
+    if n and field is not None and _extra(field).get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(n)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, rest = _split_command(argv)
         cfg = parse(name, rest)
+        setup_threads(cfg)
         result = _load(COMMANDS[name][1])(cfg)
         return int(result) if isinstance(result, int) else 0
+    except _GroupHelp as g:
+        print(_group_help(str(g)))
+        return 0
     except UserError as e:
         if debug:
             raise

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from lmalloy.errors import UserError, closest
 
@@ -26,6 +26,13 @@ class Config(BaseModel):
     """Base for every command's config: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+    # the keys the user gave (YAML file and flags), as validated; set by `cli.parse`
+    _given: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def given(self) -> dict:
+        """The keys the user set explicitly (not defaults): `--resume` applies only these."""
+        return self._given
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -37,6 +44,27 @@ class Config(BaseModel):
 def positional(description: str) -> dict:
     """Field extras for a positional argument: `Field(..., **positional("..."))`."""
     return {"description": description, "json_schema_extra": {"positional": True}}
+
+
+def also(*names: str) -> dict:
+    """Field extras for other accepted names of a flag/key: `Field(..., **also("output"))`."""
+    return {"json_schema_extra": {"aliases": list(names)}}
+
+
+def threads_field():
+    """The `--threads` field: torch's CPU threads, set once by the CLI before the command."""
+    from pydantic import Field
+
+    return Field(None, gt=0, description="torch CPU threads (default: torch's own choice)",
+                 json_schema_extra={"torch_threads": True})
+
+
+def _extra(field) -> dict:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def _is_positional(field) -> bool:
+    return bool(_extra(field).get("positional"))
 
 
 def flag_name(loc: tuple) -> str:
@@ -79,9 +107,14 @@ def _normalise_keys(cls: type[BaseModel], data: dict, prefix: tuple = ()) -> dic
     out = {}
     fields = cls.model_fields
     aliases = {f.alias: n for n, f in fields.items() if f.alias}
+    for n, f in fields.items():
+        aliases.update({a.replace("-", "_"): n for a in _extra(f).get("aliases", ())})
     for key, value in data.items():
         name = str(key).replace("-", "_")
         name = aliases.get(name, name)
+        if name in out:
+            raise UserError(f"config key `{'.'.join((*prefix, str(key)))}` is given twice "
+                            f"(as `{name}` and an alias)")
         if name not in fields:
             full = ".".join((*prefix, str(key)))
             raise UserError(
@@ -95,7 +128,7 @@ def _normalise_keys(cls: type[BaseModel], data: dict, prefix: tuple = ()) -> dic
     return out
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, cls: type[BaseModel] | None = None) -> str:
     e = err.errors()[0]
     msg = e["msg"]
     for head in ("Value error, ", "Assertion failed, "):
@@ -106,15 +139,24 @@ def format_validation_error(err: ValidationError) -> str:
     got_s = "" if isinstance(got, dict) or e["type"] == "missing" else f", got {got!r}"
     if not loc:
         return msg
+    field = cls.model_fields.get(str(loc[0])) if cls is not None and len(loc) == 1 else None
+    if field is not None and _is_positional(field):
+        name = str(loc[0]).upper()
+        if e["type"] == "missing":
+            return f"missing argument {name}: {field.description}"
+        return f"argument {name}: {msg}{got_s}"
     return f"`{flag_name(loc)}`: {msg}{got_s}"
 
 
 def validate(cls: type[BaseModel], data: dict) -> Any:
     data = _normalise_keys(cls, data)
     try:
-        return cls.model_validate(data)
+        cfg = cls.model_validate(data)
     except ValidationError as err:
-        raise UserError(format_validation_error(err)) from None
+        raise UserError(format_validation_error(err, cls)) from None
+    if isinstance(cfg, Config):
+        cfg._given = data
+    return cfg
 
 
 def _set_path(d: dict, path: tuple[str, ...], value: Any) -> None:
@@ -137,24 +179,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix:
         if _is_model(ann):
             add_arguments(parser, ann, path)
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        extra = _extra(field)
         if extra.get("positional") and not prefix:
             nargs = "*" if _is_list(ann) else "?"
             parser.add_argument(dest, metavar=name.upper(), nargs=nargs, help=help_,
                                 default=argparse.SUPPRESS)
             continue
-        flag = flag_name((*prefix, field.alias or name))
+        flags = [flag_name((*prefix, n)) for n in (field.alias or name,
+                                                   *extra.get("aliases", ()))]
         if ann is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_)
         elif _is_list(ann):
-            parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS,
+            parser.add_argument(*flags, dest=dest, action="append", default=argparse.SUPPRESS,
                                 metavar="A,B", help=help_ + " (comma-separated or repeated)")
         else:
             meta = name.upper()
             if get_origin(ann) is Literal:
                 meta = "{" + ",".join(map(str, get_args(ann))) + "}"
-            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=meta,
+            parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, metavar=meta,
                                 help=help_)
 
 

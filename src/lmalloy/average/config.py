@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmalloy.config import Config, positional
+from lmalloy.config import Config, also, positional, threads_field
 
 AVERAGERS = ("ema", "swa", "lawa")
 
@@ -69,7 +69,7 @@ class LaWASettings(Config):
 class AverageConfig(Config):
     inputs: list[str] = Field([], **positional(
         "HF model folders, oldest first (or one run folder with --last)"))
-    output: str = Field(..., description="output HF model folder")
+    out: str = Field(..., description="output HF model folder", **also("output"))
     method: Literal["uniform", "ema"] = Field("uniform", description="uniform mean, or an "
                                               "EMA over the inputs in order (needs --decay)")
     last: int | None = Field(None, ge=1, description="average the latest K checkpoints of "
@@ -79,7 +79,7 @@ class AverageConfig(Config):
         "auto", description="output dtype (auto: the newest input's); accumulation is fp32")
     overwrite: bool = Field(False, description="replace an existing output folder")
     allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()
 
     @field_validator("decay")
     @classmethod

@@ -6,9 +6,10 @@ Layout of a packed folder:
                        each file and its UTF-8 byte count (for bits per byte)
 
 The split is by document and per domain (deterministic, seeded): each domain gives its
-shuffled documents to validation until it holds `val_fraction` of the domain's tokens
-(at least one document when the domain has two or more), so small domains still get a
-usable validation set. Within a file, documents keep corpus order, grouped by domain;
+shuffled documents to validation until it holds `val_fraction` of the domain's UTF-8
+bytes (at least one document when the domain has two or more), so small domains still
+get a usable validation set. The split depends on the text alone, not on a tokenizer,
+so a tokenizer can be trained on the training documents only (`split_documents`). Within a file, documents keep corpus order, grouped by domain;
 each document is followed by one EOS. No padding token is ever written.
 
 `EpochSampler` turns the train file into sequences: chunk i is tokens[i*T : i*T + T + 1]
@@ -31,7 +32,7 @@ import numpy as np
 from lmalloy.data.corpus import Corpus
 from lmalloy.data.tokenizer import Tok
 
-PACK_VERSION = 1
+PACK_VERSION = 2
 
 
 def corpus_fingerprint(corpus: Corpus) -> str:
@@ -43,44 +44,83 @@ def corpus_fingerprint(corpus: Corpus) -> str:
     return h.hexdigest()[:16]
 
 
-def pack(corpus: Corpus, tok: Tok, out: Path, val_fraction: float = 0.05, seed: int = 0
-         ) -> dict:
-    """Tokenize and pack `corpus` into `out` (reused when inputs are unchanged)."""
-    key = {"version": PACK_VERSION, "corpus": corpus_fingerprint(corpus),
-           "tokenizer": tok.fingerprint(), "val_fraction": val_fraction, "seed": seed}
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key and (out / "train.bin").is_file():
-            return meta
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    ids = tok.encode_batch([d.text for d in corpus.documents])
+def split_documents(corpus: Corpus, val_fraction: float, seed: int) -> list[bool]:
+    """Per document, whether it is held out for validation (see the module docstring)."""
     by_domain: dict[str, list[int]] = {}
     for i, d in enumerate(corpus.documents):
         by_domain.setdefault(d.domain, []).append(i)
-    is_val = [False] * len(ids)
-    for _name, idx in by_domain.items():
+    sizes = [len(d.text.encode("utf-8")) + 1 for d in corpus.documents]
+    is_val = [False] * len(corpus.documents)
+    for name, idx in by_domain.items():
         if len(idx) < 2 or val_fraction <= 0:
             continue
-        total = sum(len(ids[i]) + 1 for i in idx)
+        total = sum(sizes[i] for i in idx)
         order = idx[:]
-        random.Random(f"{seed}:{_name}").shuffle(order)
+        random.Random(f"{seed}:{name}").shuffle(order)
         got = 0
         for i in order[:-1]:  # never move a domain's last training document
             if got >= val_fraction * total:
                 break
             is_val[i] = True
-            got += len(ids[i]) + 1
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"key": key, "dtype": np.dtype(dtype).name, "eos_id": tok.eos_id,
-            "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "domains": {}}
+            got += sizes[i]
+    return is_val
+
+
+def pack_key(corpus: Corpus, tok: Tok, val_fraction: float, seed: int) -> dict:
+    """What a packed folder depends on: the corpus content, the tokenizer, the split."""
+    return {"version": PACK_VERSION, "corpus": corpus_fingerprint(corpus),
+            "tokenizer": tok.fingerprint(), "val_fraction": val_fraction, "seed": seed}
+
+
+def read_meta(out: Path, key: dict | None = None) -> dict | None:
+    """The meta of a complete packed folder (with `key`, only if it matches), else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if key is not None and meta.get("key") != key:
+        return None
+    for split in ("train", "val"):
+        f = out / f"{split}.bin"
+        want = meta.get(f"{split}_tokens", -1) * np.dtype(meta.get("dtype", "uint16")).itemsize
+        if not f.is_file() or f.stat().st_size != want:
+            return None
+    return meta
+
+
+def pack(corpus: Corpus, tok: Tok, out: Path, val_fraction: float = 0.05, seed: int = 0
+         ) -> dict:
+    """Tokenize and pack `corpus` into `out` (reused when its inputs are unchanged).
+
+    The folder is built beside `out` and renamed into place when complete: a reader never
+    sees a half-written one, and a killed packing leaves the old folder (or none).
+    """
+    key = pack_key(corpus, tok, val_fraction, seed)
+    meta = read_meta(out, key)
+    if meta is not None:
+        return meta
+    from lmalloy.io.writer import atomic_output
+
+    with atomic_output(out, overwrite=True) as tmp:
+        meta = _write_packed(corpus, tok, tmp, split_documents(corpus, val_fraction, seed))
+        meta["key"] = key
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _write_packed(corpus: Corpus, tok: Tok, out: Path, is_val: list[bool]) -> dict:
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    ids = tok.encode_batch([d.text for d in corpus.documents])
+    by_domain: dict[str, list[int]] = {}
+    for i, d in enumerate(corpus.documents):
+        by_domain.setdefault(d.domain, []).append(i)
+    meta = {"dtype": np.dtype(dtype).name, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "vocab_size": tok.vocab_size, "domains": {}}
     for split, want in (("train", False), ("val", True)):
         pos = 0
         chunks = []
         for name, idx in by_domain.items():
-            start = pos
-            nbytes = 0
-            ndocs = 0
+            start, nbytes, ndocs = pos, 0, 0
             for i in idx:
                 if is_val[i] != want:
                     continue
@@ -93,13 +133,8 @@ def pack(corpus: Corpus, tok: Tok, out: Path, val_fraction: float = 0.05, seed: 
             dm[f"{split}_bytes"] = nbytes
             dm[f"{split}_docs"] = ndocs
         arr = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-        tmp = out / f".{split}.bin.tmp"
-        arr.tofile(tmp)
-        tmp.replace(out / f"{split}.bin")
+        arr.tofile(out / f"{split}.bin")
         meta[f"{split}_tokens"] = int(pos)
-    tmp = out / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(meta_path)
     return meta
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lmalloy.config import Config
+from lmalloy.config import Config, threads_field
 
 
 class DemoConfig(Config):
@@ -14,4 +14,4 @@ class DemoConfig(Config):
     stages: list[str] | None = Field(None, description="run only these stages (earlier stages "
                                      "they need are reused, or run when missing)")
     rerun: bool = Field(False, description="re-run the chosen stages even if they have results")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()

@@ -165,11 +165,12 @@ def run(ctx) -> dict:
     from lmalloy.data.corpus import load_corpus
     from lmalloy.data.pack import load_tokens, pack
     from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import evaluate, load_causal_lm
+    from lmalloy.io.models import load_causal_lm
     from lmalloy.moe import analyze as A
     from lmalloy.moe.build import build
     from lmalloy.moe.config import MoeBuildConfig
     from lmalloy.moe.stats import baseline_overlap, baseline_same_top1, param_counts
+    from lmalloy.train.heldout import evaluate
 
     s = settings(ctx)
     clock = [time.perf_counter()]

@@ -157,7 +157,7 @@ def run(ctx) -> dict:
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     proxy = ProxyTuned.from_pretrained(large, str(small_expert), str(small), 1.0)
-    from lmalloy.eval.perplexity import load_causal_lm
+    from lmalloy.io.models import load_causal_lm
 
     lt_model = load_causal_lm(str(large_tuned))
     tuned_large = ProxyTuned(Member(str(large_tuned), "large", lt_model,

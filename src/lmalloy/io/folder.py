@@ -13,20 +13,15 @@ then loaded with `torch.load(weights_only=True, mmap=True)`.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmalloy.errors import UserError
+from lmalloy.io.dtypes import SIZES, st_dtype, torch_dtype
 
-# safetensors dtype string -> bytes per element
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
-               "U64": 8}
-TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                     "BOOL": "bool"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # files copied beside the weights when a model folder is re-written
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -51,7 +46,26 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
+        return self.numel * SIZES[self.dtype]
+
+
+def _check_entry(path: Path, name: str, v: Any) -> None:
+    """One header entry: a known dtype, a shape, offsets that hold exactly its bytes."""
+    ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str)
+          and isinstance(v.get("shape"), list) and isinstance(v.get("data_offsets"), list)
+          and len(v["data_offsets"]) == 2
+          and all(isinstance(x, int) and x >= 0 for x in v["shape"] + v["data_offsets"]))
+    if not ok:
+        raise UserError(f"{path}: malformed safetensors header entry for `{name}`")
+    if v["dtype"] not in SIZES:
+        raise UserError(f"{path}: tensor `{name}` has unknown dtype `{v['dtype']}`")
+    a, b = v["data_offsets"]
+    numel = 1
+    for d in v["shape"]:
+        numel *= d
+    if b - a != numel * SIZES[v["dtype"]]:
+        raise UserError(f"{path}: tensor `{name}` has {b - a} bytes for shape {v['shape']} "
+                        f"{v['dtype']} (corrupt header)")
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -71,10 +85,16 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise UserError(f"{path}: truncated safetensors file (header cut short)")
     try:
         header = json.loads(head)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: not a safetensors file (header is not JSON)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        _check_entry(path, k, v)
+        end = max(end, v["data_offsets"][1])
     size = path.stat().st_size
     if 8 + n + end > size:
         raise UserError(
@@ -129,12 +149,37 @@ class ModelFolder:
             t = h.get_tensor(name)
         return t if dtype is None else t.to(dtype)
 
+    def read_range(self, name: str, start: int, stop: int, out=None):
+        """Elements [start, stop) of tensor `name` (flattened), by one positioned read.
+
+        `out` is a reusable buffer of the tensor's dtype with at least stop − start
+        elements; without it fresh memory is used. Positioned reads, not a memory map: the
+        pages read are not kept mapped in this process, so reading many inputs does not
+        grow its resident memory.
+        """
+        import torch
+
+        info = self.tensors[name]
+        n = stop - start
+        if self.pickle_state is not None:
+            src = self.pickle_state[name].reshape(-1)[start:stop]
+            if out is None:
+                return src.clone()
+            out[:n].copy_(src)
+            return out[:n]
+        dt = torch_dtype(info.dtype)
+        view = torch.empty(n, dtype=dt) if out is None else out[:n]
+        size = SIZES[info.dtype]
+        with open(info.file, "rb") as f:
+            f.seek(info.offsets[0] + start * size)
+            got = f.readinto(view.view(torch.uint8).numpy()) if n else 0
+        if got != n * size:
+            raise UserError(f"{info.file}: truncated while reading `{name}`")
+        return view
+
     def close(self) -> None:
         self._handles.clear()
         self.pickle_state = None
-
-    def aux_files(self) -> list[Path]:
-        return [self.path / n for n in AUX_FILES if (self.path / n).is_file()]
 
 
 def _read_config(path: Path) -> dict:
@@ -142,9 +187,14 @@ def _read_config(path: Path) -> dict:
     if not cfg_path.is_file():
         return {}
     try:
-        return json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {cfg_path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object, got a {type(config).__name__}")
+    return config
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -198,6 +248,9 @@ def open_model(path: str | Path, allow_pickle: bool = False, require_config: boo
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
+            if name in tensors:
+                raise UserError(f"{p}: tensor `{name}` is stored twice ({tensors[name].file.name}"
+                                f" and {f.name})")
             a, b = meta["data_offsets"]
             tensors[name] = TensorInfo(name, f, meta["dtype"], tuple(meta["shape"]),
                                        (start + a, start + b))
@@ -223,9 +276,8 @@ def _open_pickle(first: Path, folder: Path, config: dict, allow: bool,
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         state.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
-    dmap = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
-    tensors = {k: TensorInfo(k, first, dmap.get(str(v.dtype).removeprefix("torch."), "F32"),
-                             tuple(v.shape), (0, 0)) for k, v in state.items()}
+    tensors = {k: TensorInfo(k, first, st_dtype(v.dtype), tuple(v.shape), (0, 0))
+               for k, v in state.items()}
     return ModelFolder(folder, config, tensors, list(files or [first]), pickle_state=state)
 
 
@@ -235,3 +287,64 @@ def check_finite(name: str, tensor, where: Path | str) -> None:
 
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise UserError(f"{where}: tensor `{name}` contains NaN or Inf")
+
+
+# checkpoint name -> the name transformers 5 gives the parameter in memory (it fuses
+# per-expert Mixtral weights on load; see lmalloy.moe.layout for the tensors)
+_LOADED_NAMES = [
+    (re.compile(r"\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$"), ".mlp.experts.gate_up_proj"),
+    (re.compile(r"\.block_sparse_moe\.experts\.\d+\.w2\.weight$"), ".mlp.experts.down_proj"),
+    (re.compile(r"\.block_sparse_moe\."), ".mlp."),
+]
+
+
+def loaded_names(names) -> list[str]:
+    """Parameter names as transformers holds them after loading these checkpoint names."""
+    out = []
+    for n in names:
+        for rx, rep in _LOADED_NAMES:
+            n = rx.sub(rep, n)
+        out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+def compare_tensors(ref: ModelFolder, others, rows_may_differ=None) -> set[str]:
+    """UserError unless every folder in `others` holds `ref`'s tensor names and shapes.
+
+    `rows_may_differ(name)` marks tensors (vocabulary matrices) whose first dimension may
+    differ; the names where it does are returned. Missing, extra and mismatched tensors
+    are listed (the first few) with both folders named.
+    """
+    padded: set[str] = set()
+    names = set(ref.tensors)
+    for f in others:
+        if f is ref:
+            continue
+        missing, extra = sorted(names - set(f.tensors)), sorted(set(f.tensors) - names)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{f.path} lacks {len(missing)} tensor(s) of {ref.path}: "
+                             + _names(missing))
+            if extra:
+                parts.append(f"{f.path} has {len(extra)} tensor(s) {ref.path} lacks: "
+                             + _names(extra))
+            raise UserError("; ".join(parts))
+        bad = []
+        for n, t in ref.tensors.items():
+            a, b = t.shape, f.tensors[n].shape
+            if a == b:
+                continue
+            if (rows_may_differ is not None and rows_may_differ(n) and len(a) == len(b)
+                    and a[1:] == b[1:]):
+                padded.add(n)
+                continue
+            bad.append(f"`{n}` is {list(b)} in {f.path} but {list(a)} in {ref.path}")
+        if bad:
+            raise UserError(f"shape mismatch ({len(bad)} tensor(s)): " + "; ".join(bad[:3])
+                            + (" ..." if len(bad) > 3 else ""))
+    return padded

@@ -8,7 +8,13 @@ never looks like a model.
 
 `ShardedWriter` streams tensors to disk in a planned order: each shard's safetensors
 header is written first (the shapes are known from the plan), then each tensor's bytes
-as it arrives. Peak memory is the one tensor being written, whatever the shard size.
+as they arrive, whole (`write`) or in consecutive parts (`begin`, `part`, `end`), so peak
+memory is one part, whatever the tensor or shard size. Used as a context manager it
+writes the index on success and, on an error, closes its file so that the temporary
+folder can be removed.
+
+`atomic_write_text` is the same promise for one small file (JSON, JSONL, YAML), and
+`write_config` the one way a model's config.json is written.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -24,20 +31,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lmalloy.errors import UserError
-from lmalloy.io.folder import AUX_FILES, DTYPE_SIZES
+from lmalloy.io.dtypes import SIZES, st_dtype
+from lmalloy.io.folder import AUX_FILES
 
-TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-               "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-               "bool": "BOOL"}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-def st_dtype(dtype) -> str:
-    return TORCH_TO_ST[str(dtype).removeprefix("torch.")]
+__all__ = ["ShardedWriter", "atomic_output", "atomic_write_text", "check_output",
+           "check_output_file",
+           "clean_stale_tmp", "copy_aux_files", "st_dtype", "write_config", "write_state_dict"]
 
 
 def check_output(target: str | Path, overwrite: bool = False,
-                 inputs: Sequence[str | Path] = (), flag: str = "--output") -> Path:
+                 inputs: Sequence[str | Path] = (), flag: str = "--out") -> Path:
     """Validate an output folder before any heavy work; returns it resolved."""
     t = Path(target).resolve()
     if t.exists() and not overwrite:
@@ -50,19 +54,25 @@ def check_output(target: str | Path, overwrite: bool = False,
             raise UserError(f"{flag} {t} is inside the input folder {ip}; choose another place")
         if t in ip.parents and overwrite:
             raise UserError(f"{flag} {t} contains the input {ip}; overwriting it would lose it")
-    parent = t.parent
+    _probe_writable(t.parent, f"cannot write to {t.parent}")
+    return t
+
+
+def _probe_writable(parent: Path, what: str) -> None:
+    """UserError unless a file can be created in `parent` (or its nearest existing
+    ancestor): a real write probe, since permission bits say nothing for root or
+    read-only mounts."""
     probe = parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"cannot write to {parent}: {probe} is not a folder")
-    try:  # a real write probe: permission bits say nothing for root or read-only mounts
+        raise UserError(f"{what}: {probe} is not a folder")
+    try:
         fd, name = tempfile.mkstemp(prefix=".lmalloy-probe-", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise UserError(f"cannot write to {parent}: {e.strerror}") from None
-    return t
+        raise UserError(f"{what}: {e.strerror}") from None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -90,7 +100,8 @@ def atomic_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     """Write into a hidden temporary folder beside `target`, then rename it into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_stale_tmp(target.parent)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
     except PermissionError:
@@ -101,7 +112,7 @@ def atomic_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         if target.exists():
             if not overwrite:
                 raise UserError(f"output folder {target} already exists; pass --overwrite")
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -118,19 +129,46 @@ def atomic_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise
 
 
-def clean_stale_tmp(folder: Path) -> None:
-    """Remove temporary folders left by killed writers in `folder`."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-z]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_tmp(folder: str | Path) -> list[Path]:
+    """Remove temporary folders and files left in `folder` by killed writers: only those
+    whose owner process is gone (a running writer's are kept), and an `.old-` copy only
+    when the output it was swapped out of exists. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TMP_RE.match(p.name)
+        if not m or _alive(int(m.group("pid"))):
+            continue
+        if m.group("kind") == "old" and not (folder / m.group("name")).exists():
+            continue  # killed between the two renames of a swap: the only copy, keep it
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def _header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict) -> bytes:
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in entries:
-        n = DTYPE_SIZES[dtype]
+        n = SIZES[dtype]
         for s in shape:
             n *= s
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset,
@@ -158,7 +196,7 @@ class ShardedWriter:
         shards: list[list] = [[]]
         size = 0
         for name, dtype, shape in plan:
-            n = DTYPE_SIZES[dtype]
+            n = SIZES[dtype]
             for s in shape:
                 n *= s
             if shards[-1] and size + n > max_shard_bytes:
@@ -176,7 +214,8 @@ class ShardedWriter:
         self._file = None
         self._expect: dict[str, tuple[str, tuple[int, ...]]] = {
             n: (d, s) for n, d, s in self._order}
-        self.total_bytes = sum(DTYPE_SIZES[d] * _numel(s) for _, d, s in self._order)
+        self.total_bytes = sum(SIZES[d] * _numel(s) for _, d, s in self._order)
+        self._open_part: tuple[str, int] | None = None  # (name, bytes still due)
 
     def _open_next(self) -> None:
         if self._file:
@@ -186,26 +225,71 @@ class ShardedWriter:
         self._file.write(_header_bytes(self.shards[self._shard], self.metadata))
         self._left = len(self.shards[self._shard])
 
-    def write(self, name: str, tensor) -> None:
-        import torch
+    def __enter__(self) -> ShardedWriter:
+        return self
 
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def _check(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if self._open_part is not None:
+            raise RuntimeError(f"writer: `{self._open_part[0]}` is not finished")
+        if self._pos >= len(self._order):
+            raise RuntimeError(f"writer got `{name}` after the last planned tensor")
         want_name, want_dtype, want_shape = self._order[self._pos]
         if name != want_name:
             raise RuntimeError(f"writer expected `{want_name}`, got `{name}`")
-        if st_dtype(tensor.dtype) != want_dtype or tuple(tensor.shape) != want_shape:
+        if dtype != want_dtype or tuple(shape) != want_shape:
             raise RuntimeError(f"`{name}`: planned {want_dtype}{list(want_shape)}, got "
-                               f"{st_dtype(tensor.dtype)}{list(tensor.shape)}")
+                               f"{dtype}{list(shape)}")
         if self._file is None or self._left == 0:
             self._open_next()
+
+    def write(self, name: str, tensor) -> None:
+        """Write the next planned tensor whole."""
+        self.begin(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+        self.part(tensor)
+        self.end()
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        """Start the next planned tensor; its bytes follow in `part` calls, in order."""
+        self._check(name, dtype, shape)
+        self._open_part = (name, SIZES[dtype] * _numel(shape))
+
+    def part(self, tensor) -> None:
+        """The next consecutive elements (any shape, the planned dtype) of the open tensor."""
+        import torch
+
+        name, due = self._open_part
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if t.numel():
+        n = t.numel() * t.element_size()
+        if st_dtype(t.dtype) != self._order[self._pos][1] or n > due:
+            raise RuntimeError(f"`{name}`: a part of {n} bytes ({t.dtype}) does not fit")
+        if n:
             self._file.write(memoryview(t.view(torch.uint8).numpy()))
+        self._open_part = (name, due - n)
+
+    def end(self) -> None:
+        name, due = self._open_part
+        if due:
+            raise RuntimeError(f"`{name}`: {due} bytes were never written")
+        self._open_part = None
         self._left -= 1
         self._pos += 1
 
+    def abort(self) -> None:
+        """Close the open file after an error (the caller's temporary folder then goes)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+
     def close(self) -> None:
-        if self._pos != len(self._order):
-            missing = self._order[self._pos][0]
+        if self._pos != len(self._order) or self._open_part is not None:
+            missing = self._order[min(self._pos, len(self._order) - 1)][0]
             raise RuntimeError(f"writer closed before `{missing}` was written")
         if self._file is None:  # an empty plan still writes a valid file
             self._open_next()
@@ -232,17 +316,72 @@ def copy_aux_files(src: str | Path, dst: str | Path, names: Sequence[str] = AUX_
             shutil.copyfile(src / n, dst / n)
 
 
+def write_config(folder: str | Path, config: dict, dtype: str | None = None) -> None:
+    """config.json of a written model; `dtype` (a dtype name) sets `dtype`, and the older
+    `torch_dtype` where the source config has it."""
+    config = dict(config)
+    if dtype is not None:
+        config["dtype"] = dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
+                                              + "\n")
+
+
+def check_output_file(path: str | Path, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Validate an output *file* before any work: not a folder, not existing unless
+    overwriting, its folder writable (created if missing)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a folder; expected a file path")
+    if p.exists() and not overwrite:
+        raise UserError(f"{flag} {p} exists; pass --overwrite to replace it")
+    _probe_writable(p.parent, f"{flag} {p}: cannot write to {p.parent}")
+    return p
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write one small file atomically: a hidden temporary file beside it, fsynced, renamed.
+
+    A killed process leaves the old file (or none), never a half-written one. With
+    `overwrite=False` an existing file is a UserError (checked again at the rename).
+    """
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise UserError(f"{p} already exists; pass --overwrite to replace it")
+    if p.is_dir():
+        raise UserError(f"{p} is a folder; expected a file path")
+    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if not overwrite and p.exists():
+            raise UserError(f"{p} already exists; pass --overwrite to replace it")
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise UserError(f"disk full while writing {p}; nothing was written") from None
+        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return p
+
+
 def write_state_dict(folder: str | Path, state: dict, config: dict | None = None,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, aux_from: Path | None = None
                      ) -> None:
     """Write an in-memory state dict (plus config.json) into an existing folder."""
     folder = Path(folder)
     plan = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in state.items()]
-    w = ShardedWriter(folder, plan, max_shard_bytes)
-    for k, v in state.items():
-        w.write(k, v)
-    w.close()
+    with ShardedWriter(folder, plan, max_shard_bytes) as w:
+        for k, v in state.items():
+            w.write(k, v)
     if config is not None:
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(folder, config)
     if aux_from is not None:
         copy_aux_files(aux_from, folder)

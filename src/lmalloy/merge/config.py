@@ -1,4 +1,4 @@
-"""Configs of `lmalloy merge`, `merge lora` and `merge lorahub` (pydantic only: cheap to import).
+"""Configs of `lmalloy merge` and `merge lorahub` (pydantic only: cheap to import).
 
 lmalloy's merge YAML has the shape of mergekit's, so one file works in both tools for the
 methods they share:
@@ -14,7 +14,8 @@ methods they share:
     dtype: bfloat16
 
 `from_file_data` maps mergekit's keys (`merge_method`, `tokenizer_source`, `out_dtype`) onto
-this config's fields; `--output` is lmalloy's own (mergekit takes it on its command line).
+this config's fields; the output folder is `--out` (also `--output`; mergekit takes it on its
+command line).
 Parameter *values* are checked per tensor when the merge is planned (gradients and filters
 make them differ by tensor), before any tensor data is read.
 """
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmalloy.config import Config, positional
+from lmalloy.config import Config, also, positional, threads_field
 from lmalloy.data.config import DataFields
 from lmalloy.errors import closest
 
@@ -36,7 +37,6 @@ METHOD_NAMES = ("linear", "soup", "greedy_soup", "task_arithmetic", "ties", "dar
                 "dare_ties", "slerp", "model_stock", "passthrough")
 # methods for PEFT adapter folders (lmalloy.merge.lora); `linear` also applies to adapters
 LORA_METHODS = ("cat", "svd", "bake")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ModelEntry(Config):
@@ -87,7 +87,7 @@ class MergeConfig(DataFields):
                                        "method (YAML mapping; per-model ones take precedence)")
     weights: list[float] | None = Field(None, description="one weight per model, in order "
                                         "(sets each model's `weight` parameter)")
-    output: str = Field("runs/merged", description="output HF model folder")
+    out: str = Field("runs/merged", description="output HF model folder", **also("output"))
     overwrite: bool = Field(False, description="replace an existing output folder")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="output dtype (default: the base's, else the first model's)")
@@ -188,7 +188,7 @@ class MergeConfig(DataFields):
 
 class LorahubConfig(DataFields):
     adapters: list[str] = Field(..., min_length=1, **positional("PEFT adapter folders"))
-    base: str = Field(..., description="the adapters' base model folder")
+    base_model: str = Field(..., description="the adapters' base model folder", **also("base"))
     examples: int = Field(5, gt=0, description="few-shot examples: windows of --seq-len tokens "
                           "from the chosen corpus/domains")
     seq_len: int = Field(128, gt=1, description="tokens per example")
@@ -196,6 +196,6 @@ class LorahubConfig(DataFields):
     l1: float = Field(0.05, ge=0, description="penalty on mean |w| (LoraHub: 0.05)")
     bound: float = Field(1.5, gt=0, description="weights searched in [-bound, bound]")
     seed: int = Field(0, description="optimizer and example seed")
-    output: str = Field("runs/lorahub", description="output adapter folder")
+    out: str = Field("runs/lorahub", description="output adapter folder", **also("output"))
     overwrite: bool = Field(False, description="replace an existing output folder")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()

@@ -174,10 +174,9 @@ def write_adapter(folder: Path, like: Adapter, mods: dict, rank: int, dtype) -> 
         state[f"{PREFIX}{m}.lora_B.weight"] = B.to(dtype).contiguous()
 
     plan = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in state.items()]
-    wr = ShardedWriter(folder, plan, prefix="adapter_model")
-    for k, v in state.items():
-        wr.write(k, v)
-    wr.close()
+    with ShardedWriter(folder, plan, prefix="adapter_model") as wr:
+        for k, v in state.items():
+            wr.write(k, v)
     cfg = dict(like.config)
     cfg.update(r=rank, lora_alpha=rank, use_rslora=False,
                rank_pattern={}, alpha_pattern={})
@@ -215,7 +214,7 @@ def merge_adapters(cfg) -> Path:
     if method == "bake":
         return bake(cfg, adapters)
     w = _weights(cfg, len(adapters), method)
-    out = check_output(cfg.output, cfg.overwrite, paths)
+    out = check_output(cfg.out, cfg.overwrite, paths)
     if cfg.dtype:
         dtype = getattr(torch, cfg.dtype)
     else:  # the first adapter's stored dtype
@@ -251,13 +250,14 @@ def bake(cfg, adapters: list[Adapter]) -> Path:
     """Fold one adapter into its base model: a full HF model, streamed tensor by tensor."""
     import torch
 
-    from lmalloy.io.folder import TORCH_DTYPE_NAMES, open_model
+    from lmalloy.io.dtypes import is_float, name_to_st, st_to_name, torch_dtype
+    from lmalloy.io.folder import open_model
     from lmalloy.io.writer import (
-        TORCH_TO_ST,
         ShardedWriter,
         atomic_output,
         check_output,
         copy_aux_files,
+        write_config,
     )
 
     if len(adapters) != 1 or not cfg.base_model:
@@ -278,14 +278,12 @@ def bake(cfg, adapters: list[Adapter]) -> Path:
             raise UserError(f"`{name}` is {list(shape)} in {base.path} but the adapter's "
                             f"update is {list(want)}: not this adapter's base model")
         targets[name] = m
-    out = check_output(cfg.output, cfg.overwrite, [base.path, a.path])
-    out_dtype = cfg.dtype or TORCH_DTYPE_NAMES[next(iter(base.tensors.values())).dtype]
-    st = TORCH_TO_ST[out_dtype]
-    plan = [(n, st if t.dtype in ("F32", "BF16", "F16") else t.dtype, t.shape)
-            for n, t in base.tensors.items()]
+    out = check_output(cfg.out, cfg.overwrite, [base.path, a.path])
+    out_dtype = cfg.dtype or st_to_name(next(iter(base.tensors.values())).dtype)
+    st = name_to_st(out_dtype)
+    plan = [(n, st if is_float(t.dtype) else t.dtype, t.shape) for n, t in base.tensors.items()]
     with atomic_output(out, cfg.overwrite) as tmp:
-        wr = ShardedWriter(tmp, plan, cfg.max_shard_size)
-        with torch.no_grad():
+        with ShardedWriter(tmp, plan, cfg.max_shard_size) as wr, torch.no_grad():
             for n, _, _ in plan:
                 x = base.read(n)
                 if n in targets:
@@ -293,11 +291,8 @@ def bake(cfg, adapters: list[Adapter]) -> Path:
                     if a.config.get("fan_in_fan_out"):
                         d = d.T
                     x = x.float() + d
-                wr.write(n, x.to(getattr(torch, out_dtype)) if x.is_floating_point() else x)
-        wr.close()
-        config = dict(base.config)
-        config["dtype"] = out_dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                wr.write(n, x.to(torch_dtype(out_dtype)) if x.is_floating_point() else x)
+        write_config(tmp, base.config, out_dtype)
         copy_aux_files(base.path, tmp)
         (tmp / "merge_config.yaml").write_text(f"# lmalloy merge bake: {a.path} into "
                                                f"{base.path}\n" + cfg.to_yaml())
@@ -327,21 +322,19 @@ def lorahub_main(cfg) -> int:
 
     from lmalloy.data.corpus import load_corpus
     from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import load_causal_lm
     from lmalloy.io.folder import open_model
+    from lmalloy.io.models import load_causal_lm
     from lmalloy.io.writer import atomic_output, check_output
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     adapters = [load_adapter(p) for p in cfg.adapters]
     check_compatible(adapters)
-    base = open_model(cfg.base)
+    base = open_model(cfg.base_model)
     for m, (A, B) in adapters[0].tensors.items():
         t = base.tensors.get(f"{m}.weight")
         if t is None or tuple(t.shape) != (B.shape[0], A.shape[1]):
-            raise UserError(f"{cfg.base} is not the adapters' base model (module `{m}`)")
-    out = check_output(cfg.output, cfg.overwrite, [*cfg.adapters, cfg.base])
-    tok = Tok.load(cfg.base)
+            raise UserError(f"{cfg.base_model} is not the adapters' base model (module `{m}`)")
+    out = check_output(cfg.out, cfg.overwrite, [*cfg.adapters, cfg.base_model])
+    tok = Tok.load(cfg.base_model)
     corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
                          quiet=True)
     ids = [i for d in corpus.documents for i in tok.encode(d.text) + [tok.eos_id]]
@@ -352,7 +345,7 @@ def lorahub_main(cfg) -> int:
     starts = rng.choice(len(ids) - n + 1, size=min(cfg.examples, len(ids) - n + 1),
                         replace=False)
     batch = torch.tensor([ids[s:s + n] for s in starts])  # (E, T+1)
-    model = load_causal_lm(cfg.base)
+    model = load_causal_lm(cfg.base_model)
     params = dict(model.named_parameters())
     w0 = {m: params[f"{m}.weight"].detach().clone() for m in adapters[0].tensors}
 

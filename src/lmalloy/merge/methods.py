@@ -11,7 +11,9 @@ tensor's name and the seed. The engine (engine.py) does loading, checking, dtype
 Parameters follow mergekit's names and defaults so that its YAML gives the same tensors:
 
 - linear (Wortsman et al. 2022, "Model soups", 2203.05482): Σ wᵢxᵢ, divided by Σ wᵢ when
-  `normalize` (default true). `soup` is linear with equal weights.
+  `normalize` (default true). `soup` is linear with equal weights. These are weighted
+  averages: their entry gives the weights (`Method.weights`) and the streaming average
+  (`lmalloy.average.weighted`) computes them, the same code as `lmalloy average`.
 - task_arithmetic (Ilharco et al. 2022, 2212.04089): base + λ·Σ wᵢτᵢ, τᵢ = xᵢ − base
   (`normalize` default false).
 - ties (Yadav et al. 2023, 2306.01708): trim each τᵢ to its top `density` fraction by
@@ -46,7 +48,6 @@ Tensor = torch.Tensor
 class TensorCtx:
     name: str
     seed: int = 0
-    is_embed: bool = False
     # whole-model TIES trim: per model, the magnitude threshold over its whole task vector
     thresholds: tuple[float, ...] | None = None
 
@@ -82,13 +83,15 @@ class Param:
 
 @dataclass(frozen=True)
 class Method:
-    fn: Callable[..., Tensor]
+    fn: Callable[..., Tensor] | None  # None: a weighted average, see `weights`
     paper: str
     needs_base: bool = False
     n_models: tuple[int, int | None] = (1, None)  # fine-tunes (base excluded), inclusive
     model_params: tuple[Param, ...] = ()
     global_params: tuple[Param, ...] = ()
     aliases: dict = field(default_factory=dict)
+    # weighted averages: (per-model params, global params) -> the coefficient of each model
+    weights: Callable[[list[dict], dict], list[float]] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -127,24 +130,6 @@ def trim(x: Tensor, density: float, threshold: float | None = None) -> Tensor:
     below = float(torch.nextafter(thr, torch.tensor(-math.inf, dtype=a.dtype)))
     # threshold(a, below) keeps a > below, i.e. a >= thr, exactly; |x|·sign(x) == x
     return F.threshold(a, below, 0.0).mul_(x.sign())
-
-
-def topk_mask(x: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """Boolean mask of the top `density` fraction of |x| (a selected threshold, no sort).
-
-    Entries tied with the k-th largest magnitude are all kept (mergekit's argsort keeps
-    exactly k and breaks ties arbitrarily; with continuous weights ties do not occur).
-    """
-    a = x.abs()
-    if threshold is not None:
-        return a >= threshold
-    if density >= 1:
-        return torch.ones_like(x, dtype=torch.bool)
-    n = a.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one
-    return a >= kth_largest(a, k)
 
 
 def dare_mask(shape: torch.Size, density: float, ctx: TensorCtx, i: int) -> Tensor:
@@ -216,21 +201,22 @@ def _generalized(xs: list[Tensor], base: Tensor, p: list[dict], g: dict, ctx: Te
 
 # --------------------------------------------------------------------------- methods
 
-def linear(xs: list[Tensor], base: Tensor | None, p: list[dict], g: dict, ctx: TensorCtx
-           ) -> Tensor:
+def linear_weights(p: list[dict], g: dict) -> list[float]:
+    """Σ wᵢxᵢ, divided by Σ wᵢ when `normalize`: the coefficient of each model."""
     w = [float(q["weight"]) for q in p]
-    out = torch.zeros_like(xs[0])
-    for wi, x in zip(w, xs, strict=True):
-        out.add_(x, alpha=wi)
-    if g["normalize"]:
+    if g.get("normalize", True):
         s = sum(w)
-        out /= s if abs(s) > 1e-8 else 1.0
-    return out
+        if abs(s) < 1e-8:
+            from lmalloy.errors import UserError
+
+            raise UserError("the weights sum to 0; with normalize they must not")
+        w = [x / s for x in w]
+    return w
 
 
-def soup(xs: list[Tensor], base: Tensor | None, p: list[dict], g: dict, ctx: TensorCtx
-         ) -> Tensor:
-    return linear(xs, None, [{"weight": 1.0}] * len(xs), {"normalize": True}, ctx)
+def uniform_weights(p: list[dict], g: dict) -> list[float]:
+    """The uniform soup: 1/N each."""
+    return [1.0 / len(p)] * len(p)
 
 
 def task_arithmetic(xs, base, p, g, ctx):
@@ -309,10 +295,13 @@ RESC_F = Param("rescale", False, kind="bool")
 INT8 = Param("int8_mask", False, kind="bool")  # accepted for mergekit YAML; no effect here
 
 METHODS: dict[str, Method] = {
-    "linear": Method(linear, "Model soups, Wortsman et al. 2022 (arXiv 2203.05482)",
-                     model_params=(Param("weight", 1.0),), global_params=(NORM_T,)),
-    "soup": Method(soup, "uniform soup, Wortsman et al. 2022 (arXiv 2203.05482)"),
-    "greedy_soup": Method(soup, "greedy soup, Wortsman et al. 2022 (arXiv 2203.05482)"),
+    "linear": Method(None, "Model soups, Wortsman et al. 2022 (arXiv 2203.05482)",
+                     model_params=(Param("weight", 1.0),), global_params=(NORM_T,),
+                     weights=linear_weights),
+    "soup": Method(None, "uniform soup, Wortsman et al. 2022 (arXiv 2203.05482)",
+                   weights=uniform_weights),
+    "greedy_soup": Method(None, "greedy soup, Wortsman et al. 2022 (arXiv 2203.05482)",
+                          weights=uniform_weights),
     "task_arithmetic": Method(task_arithmetic, "Ilharco et al. 2022 (arXiv 2212.04089)",
                               needs_base=True, model_params=(WEIGHT,),
                               global_params=(NORM_F, LAMBDA, INT8)),

@@ -161,17 +161,6 @@ def colour_text(model, tok, text: str, layers: list[int], k: int, n_experts: int
     return token_html(pieces, top1, n_experts), top1
 
 
-def indentation_share(pieces: list[str], top1: list[int]) -> tuple[float, int, int]:
-    """(share of whitespace-only tokens routed to their most common expert, that expert,
-    how many such tokens) — Mixtral's observation that indentation shares an expert."""
-    ws = [e for p, e in zip(pieces, top1, strict=False) if p and not p.strip(" \t") == p
-          and p.strip() == ""]
-    if not ws:
-        return float("nan"), -1, 0
-    counts = np.bincount(ws)
-    return float(counts.max() / len(ws)), int(counts.argmax()), len(ws)
-
-
 def default_layers(n_layers: int) -> list[int]:
     return sorted({0, n_layers // 2, n_layers - 1})
 
@@ -195,21 +184,12 @@ def table_markdown(res: dict, init: dict | None, n_e: int, k: int) -> str:
     return "\n".join(lines)
 
 
-def main(cfg) -> int:
-    import torch
+def _check(cfg) -> tuple[dict, list[int], str | None]:
+    """Every check the headers and configs reveal: (MoE config, html layers, --text)."""
+    from lmalloy.io import check_output, open_model
 
-    from lmalloy.data.corpus import load_corpus
-    from lmalloy.data.pack import load_tokens, pack
-    from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import cache_dir, load_causal_lm
-    from lmalloy.io import open_model
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    folder = open_model(cfg.model)
-    mcfg = check_moe(folder)
-    n_e, k, n_layers = (mcfg["num_local_experts"], mcfg["num_experts_per_tok"],
-                        mcfg["num_hidden_layers"])
+    mcfg = check_moe(open_model(cfg.model))
+    n_e, n_layers = mcfg["num_local_experts"], mcfg["num_hidden_layers"]
     if cfg.init:
         icfg = check_moe(open_model(cfg.init), "--init ")
         if (icfg["num_local_experts"], icfg["num_hidden_layers"]) != (n_e, n_layers):
@@ -228,52 +208,73 @@ def main(cfg) -> int:
         if not Path(cfg.text).is_file():
             raise UserError(f"--text: file not found: {cfg.text}")
         text = Path(cfg.text).read_text(errors="replace")
-    tok = Tok.load(cfg.tokenizer or cfg.model)
+    check_output(cfg.out, cfg.overwrite, [cfg.model] + ([cfg.init] if cfg.init else []))
+    return mcfg, layers, text
+
+
+def _sequences(cfg, tok) -> dict[str, np.ndarray]:
+    """Per domain, up to --eval-tokens of the chosen split as (n, seq_len) rows."""
+    from lmalloy.data.cache import packed
+    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.pack import load_tokens
+
     corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
-    packed = cache_dir() / "packed" / tok.fingerprint()
-    meta = pack(corpus, tok, packed, cfg.val_fraction, cfg.seed)
+    folder, meta = packed(corpus, tok, cfg.val_fraction, cfg.seed)
     splits = ["train", "val"] if cfg.split == "all" else [cfg.split]
     seqs: dict[str, np.ndarray] = {}
     for split in splits:
-        tokens = load_tokens(packed, split, meta)
+        tokens = load_tokens(folder, split, meta)
         for d, info in meta["domains"].items():
             s = domain_sequences(tokens, tuple(info[split]), cfg.seq_len,
-                                 cfg.max_tokens // len(splits))
+                                 cfg.eval_tokens // len(splits))
             seqs[d] = np.concatenate([seqs[d], s]) if d in seqs else s
     seqs = {d: s for d, s in seqs.items() if len(s)}
     if not seqs:
         raise UserError(f"no {cfg.split} sequences of --seq-len {cfg.seq_len} tokens in the "
                         "corpus (use a shorter --seq-len or --split all)")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_causal_lm(cfg.model)
-    res = analyze_model(model, seqs, cfg.seq_len, k, cfg.batch_size)
-    if text is None:
-        first = next(iter(seqs))
-        text = tok.decode(seqs[first][0].tolist())
-    page, _ = colour_text(model, tok, text, layers, k, n_e, cfg.max_html_tokens)
-    (out / "tokens.html").write_text(page)
-    del model
-    init = None
-    if cfg.init:
-        imodel = load_causal_lm(cfg.init)
-        init = analyze_model(imodel, seqs, cfg.seq_len, k, cfg.batch_size)
-        del imodel
-    plot_shares(res, n_e, layers, out / "expert_shares.png")
-    counts = param_counts(mcfg)
-    report = {"model": cfg.model, "init": cfg.init, "experts": n_e, "top_k": k,
-              "baseline_same_top1": baseline_same_top1(n_e),
-              "baseline_overlap": baseline_overlap(n_e, k), "params": counts,
-              "domains": res, "init_domains": init}
-    (out / "routing.json").write_text(json.dumps(report, indent=1))
+    return seqs
+
+
+def _print(cfg, report: dict, out: Path) -> None:
     if cfg.json_output:
         print(json.dumps(report, indent=1))
-        return 0
+        return
+    n_e, k, counts = report["experts"], report["top_k"], report["params"]
     print(f"{cfg.model}: {n_e} experts, top-{k}; parameters "
           f"NonFF + {n_e}·FF = {counts['total'] / 1e6:,.2f}M total, NonFF + {k}·FF = "
           f"{counts['active'] / 1e6:,.2f}M active per token "
           f"(NonFF {counts['non_ff'] / 1e6:,.2f}M, FF {counts['ff_per_expert'] / 1e6:,.2f}M)")
-    print(table_markdown(res, init, n_e, k))
+    print(table_markdown(report["domains"], report["init_domains"], n_e, k))
     print(f"wrote {out / 'routing.json'}, {out / 'expert_shares.png'}, {out / 'tokens.html'}",
           file=sys.stderr)
+
+
+def main(cfg) -> int:
+    from lmalloy.data.tokenizer import Tok
+    from lmalloy.io.models import load_causal_lm
+    from lmalloy.io.writer import atomic_output
+
+    mcfg, layers, text = _check(cfg)
+    n_e, k = mcfg["num_local_experts"], mcfg["num_experts_per_tok"]
+    tok = Tok.load(cfg.tokenizer or cfg.model)
+    seqs = _sequences(cfg, tok)
+    model = load_causal_lm(cfg.model)
+    res = analyze_model(model, seqs, cfg.seq_len, k, cfg.batch_size)
+    if text is None:
+        text = tok.decode(seqs[next(iter(seqs))][0].tolist())
+    page, _ = colour_text(model, tok, text, layers, k, n_e, cfg.max_html_tokens)
+    del model
+    init = None
+    if cfg.init:
+        init = analyze_model(load_causal_lm(cfg.init), seqs, cfg.seq_len, k, cfg.batch_size)
+    report = {"model": cfg.model, "init": cfg.init, "experts": n_e, "top_k": k,
+              "baseline_same_top1": baseline_same_top1(n_e),
+              "baseline_overlap": baseline_overlap(n_e, k), "params": param_counts(mcfg),
+              "domains": res, "init_domains": init}
+    out = Path(cfg.out)
+    with atomic_output(out, cfg.overwrite) as tmp:
+        (tmp / "tokens.html").write_text(page)
+        plot_shares(res, n_e, layers, tmp / "expert_shares.png")
+        (tmp / "routing.json").write_text(json.dumps(report, indent=1))
+    _print(cfg, report, out)
     return 0

@@ -17,7 +17,6 @@ layer's expert tensors (plus the base model when `gate_mode: hidden` runs it).
 
 from __future__ import annotations
 
-import json
 import sys
 
 from lmalloy.errors import UserError
@@ -98,12 +97,11 @@ def _layer_of(name: str) -> int | None:
 
 
 def _dtype_name(folder) -> str:
-    d = folder.config.get("dtype") or folder.config.get("torch_dtype")
-    if d in ("float32", "bfloat16", "float16"):
-        return d
-    t = folder.tensors.get("model.embed_tokens.weight")
-    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
-        t.dtype if t else "F32", "float32")
+    """The base's dtype: its config's, else that of most of its floating tensors."""
+    from lmalloy.io.dtypes import config_dtype, majority_float
+
+    return config_dtype(folder.config) or majority_float(t.dtype for t in
+                                                         folder.tensors.values())
 
 
 def encode_prompts(cfg, tok, bos: int | None, limit: int | None
@@ -138,18 +136,16 @@ def compute_router(cfg, base, n_layers: int, n_experts: int, hidden: int, pairs)
     if cfg.gate_mode == "cheap_embed":
         embed = base.read("model.embed_tokens.weight")
         return R.prompt_router(pairs, lambda ps: R.cheap_embedding(embed, ps, n_layers))
-    from lmalloy.eval.perplexity import load_causal_lm
+    from lmalloy.io.models import load_causal_lm
 
     model = load_causal_lm(str(base.path))
     return R.prompt_router(pairs, lambda ps: R.prompt_hidden_states(model, ps))
 
 
-def build(cfg, quiet: bool = False) -> dict:
-    """Validate, then write the MoE folder; returns a summary dict."""
-    import torch
-
-    from lmalloy.io import atomic_output, check_output, copy_aux_files, open_model
-    from lmalloy.io.writer import ShardedWriter, st_dtype
+def _open_inputs(cfg) -> tuple:
+    """(base, expert sources, output path, prompt token ids or None); every check first."""
+    from lmalloy.io import check_output, open_model
+    from lmalloy.io.tokenizer_files import check_same_tokenizer
 
     base = open_model(cfg.base_model)
     check_dense(base, "base_model")
@@ -158,35 +154,36 @@ def build(cfg, quiet: bool = False) -> dict:
         m = open_model(e.source_model)
         check_same(base, m, f"expert {i}")
         sources.append(m)
+    check_same_tokenizer([base, *sources], hint=" (experts must share the base's vocabulary)")
     out = check_output(cfg.out, cfg.overwrite,
                        inputs=[cfg.base_model, *[e.source_model for e in cfg.experts
-                                                 if e.source_model]], flag="--out")
-    c = base.config
-    n_layers, hidden, inter = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
-    n_experts, top_k = cfg.n_experts, cfg.experts_per_token
+                                                 if e.source_model]])
     pairs = None
     if cfg.gate_mode in ("hidden", "cheap_embed"):
         from lmalloy.data.tokenizer import Tok
 
-        tok = Tok.load(cfg.base_model)
-        pairs = encode_prompts(cfg, tok, c.get("bos_token_id"), c.get("max_position_embeddings"))
-    dtype_name = cfg.dtype or _dtype_name(base)
-    dtype = getattr(torch, dtype_name)
-    mcfg = mixtral_config(c, n_experts, top_k, cfg.router_aux_loss_coef, dtype_name)
+        c = base.config
+        pairs = encode_prompts(cfg, Tok.load(cfg.base_model), c.get("bos_token_id"),
+                               c.get("max_position_embeddings"))
+    return base, sources, out, pairs
 
-    # -- heavy work starts here
-    gates = compute_router(cfg, base, n_layers, n_experts, hidden, pairs)  # (L, E, H)
+
+def _warn_collinear(gates, n_layers: int) -> list:
     from lmalloy.moe.router import collinear_pairs
 
     near = collinear_pairs(gates)
-    if near and not quiet:
+    if near:
         layers = sorted({x[0] for x in near})
         worst = max(near, key=lambda x: x[3])
         print(f"warning: router rows nearly collinear in {len(layers)} of {n_layers} layers "
               f"(worst: layer {worst[0]}, experts {worst[1]} and {worst[2]}, cosine "
               f"{worst[3]:.3f}); those experts will get similar tokens — make their prompts "
               "more distinct", file=sys.stderr)
+    return near
 
+
+def _tensor_groups(base) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """The base's non-FFN tensors: before the layers (embeddings), per layer, after."""
     names = [n for n in base.tensors if not n.endswith(_SKIP_SUFFIXES)]
     non_ffn = [n for n in names if not is_dense_ffn(n)]
     head = [n for n in non_ffn if _layer_of(n) is None and "embed" in n]
@@ -195,81 +192,113 @@ def build(cfg, quiet: bool = False) -> dict:
     for n in non_ffn:
         if _layer_of(n) is not None:
             per_layer.setdefault(_layer_of(n), []).append(n)
-    sd = st_dtype(dtype)
+    return head, per_layer, tail
+
+
+def _plan(cfg, base, groups, sd: str) -> list:
+    head, per_layer, tail = groups
+    c = base.config
+    n_layers, hidden, inter = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
     plan = [(n, sd, base.tensors[n].shape) for n in head]
     for layer in range(n_layers):
         plan += [(n, sd, base.tensors[n].shape) for n in per_layer.get(layer, [])]
-        plan.append((router_name(layer, cfg.layout), sd, (n_experts, hidden)))
-        plan += [(n, sd, s) for n, s in expert_plan(layer, n_experts, hidden, inter,
+        plan.append((router_name(layer, cfg.layout), sd, (cfg.n_experts, hidden)))
+        plan += [(n, sd, s) for n, s in expert_plan(layer, cfg.n_experts, hidden, inter,
                                                     cfg.layout)]
-    plan += [(n, sd, base.tensors[n].shape) for n in tail]
+    return plan + [(n, sd, base.tensors[n].shape) for n in tail]
 
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-    def non_ffn_tensor(name: str):
-        if cfg.method == "btx":
-            acc = None
-            for m in sources:
-                t = m.read(name).float()
-                acc = t if acc is None else acc.add_(t)
-            return (acc / len(sources)).to(dtype)
+def _non_ffn_tensor(cfg, base, sources, name: str, dtype):
+    """The base's tensor; for btx the mean of the fine-tunes' (fp32)."""
+    if cfg.method != "btx":
         return base.read(name).to(dtype)
+    acc = None
+    for m in sources:
+        t = m.read(name).float()
+        acc = t if acc is None else acc.add_(t)
+    return (acc / len(sources)).to(dtype)
 
-    def ffns(layer: int) -> list[dict]:
-        from lmalloy.moe.layout import dense_ffn_name
 
-        if cfg.method == "upcycle":
-            dense = {p: base.read(dense_ffn_name(layer, p)) for p in
-                     ("gate_proj", "up_proj", "down_proj")}
-            out_ = []
-            for _ in range(n_experts):
-                f = {}
-                for p, w in dense.items():
-                    if cfg.noise:
-                        w32 = w.float()
-                        w32 = w32 + cfg.noise * w32.std() * torch.randn(
-                            w32.shape, generator=gen)
-                        f[p] = w32.to(dtype)
-                    else:
-                        f[p] = w.to(dtype)
-                out_.append(f)
-            return out_
-        return [{p: m.read(dense_ffn_name(layer, p)).to(dtype) for p in
-                 ("gate_proj", "up_proj", "down_proj")} for m in sources]
+def _ffns(cfg, base, sources, layer: int, dtype, gen) -> list[dict]:
+    """Each expert's dense FFN {gate_proj, up_proj, down_proj} for one layer."""
+    import torch
+
+    from lmalloy.moe.layout import dense_ffn_name
+
+    projs = ("gate_proj", "up_proj", "down_proj")
+    if cfg.method != "upcycle":
+        return [{p: m.read(dense_ffn_name(layer, p)).to(dtype) for p in projs}
+                for m in sources]
+    dense = {p: base.read(dense_ffn_name(layer, p)) for p in projs}
+    out = []
+    for _ in range(cfg.n_experts):
+        f = {}
+        for p, w in dense.items():
+            if cfg.noise:
+                w32 = w.float()
+                f[p] = (w32 + cfg.noise * w32.std() * torch.randn(w32.shape, generator=gen)
+                        ).to(dtype)
+            else:
+                f[p] = w.to(dtype)
+        out.append(f)
+    return out
+
+
+def _write(cfg, base, sources, groups, gates, w, dtype) -> None:
+    import torch
 
     from lmalloy.moe.layout import expert_tensors
 
-    with atomic_output(out, cfg.overwrite) as tmp:
-        w = ShardedWriter(tmp, plan)
-        for n in head:
-            w.write(n, non_ffn_tensor(n))
-        for layer in range(n_layers):
-            for n in per_layer.get(layer, []):
-                w.write(n, non_ffn_tensor(n))
-            w.write(router_name(layer, cfg.layout), gates[layer].to(dtype))
-            for n, t in expert_tensors(layer, ffns(layer), cfg.layout):
-                w.write(n, t)
-        for n in tail:
-            w.write(n, non_ffn_tensor(n))
-        w.close()
-        (tmp / "config.json").write_text(json.dumps(mcfg, indent=2, sort_keys=True) + "\n")
-        copy_aux_files(base.path, tmp)
-        cfg.save(tmp / "moe_build.yaml")
+    head, per_layer, tail = groups
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for n in head:
+        w.write(n, _non_ffn_tensor(cfg, base, sources, n, dtype))
+    for layer in range(base.config["num_hidden_layers"]):
+        for n in per_layer.get(layer, []):
+            w.write(n, _non_ffn_tensor(cfg, base, sources, n, dtype))
+        w.write(router_name(layer, cfg.layout), gates[layer].to(dtype))
+        for n, t in expert_tensors(layer, _ffns(cfg, base, sources, layer, dtype, gen),
+                                   cfg.layout):
+            w.write(n, t)
+    for n in tail:
+        w.write(n, _non_ffn_tensor(cfg, base, sources, n, dtype))
+
+
+def build(cfg, quiet: bool = False) -> dict:
+    """Validate, then write the MoE folder; returns a summary dict."""
+    from lmalloy.io import atomic_output, copy_aux_files, st_dtype
+    from lmalloy.io.dtypes import torch_dtype
+    from lmalloy.io.writer import ShardedWriter, write_config
     from lmalloy.moe.stats import param_counts
 
+    base, sources, out, pairs = _open_inputs(cfg)
+    c = base.config
+    n_layers, hidden = c["num_hidden_layers"], c["hidden_size"]
+    dtype_name = cfg.dtype or _dtype_name(base)
+    dtype = torch_dtype(dtype_name)
+    mcfg = mixtral_config(c, cfg.n_experts, cfg.experts_per_token, cfg.router_aux_loss_coef,
+                          dtype_name)
+    groups = _tensor_groups(base)
+    plan = _plan(cfg, base, groups, st_dtype(dtype))
+    # -- heavy work starts here
+    gates = compute_router(cfg, base, n_layers, cfg.n_experts, hidden, pairs)  # (L, E, H)
+    near = _warn_collinear(gates, n_layers) if not quiet else []
+    with atomic_output(out, cfg.overwrite) as tmp:
+        with ShardedWriter(tmp, plan) as w:
+            _write(cfg, base, sources, groups, gates, w, dtype)
+        write_config(tmp, mcfg)
+        copy_aux_files(base.path, tmp)
+        cfg.save(tmp / "moe_build.yaml")
     counts = param_counts(mcfg)
     if not quiet:
-        print(f"wrote {cfg.method} Mixtral: {n_experts} experts, top-{top_k}, "
-              f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
-              f"per token, router {cfg.gate_mode} -> {out}", file=sys.stderr)
+        print(f"wrote {cfg.method} Mixtral: {cfg.n_experts} experts, top-"
+              f"{cfg.experts_per_token}, {counts['total'] / 1e6:.2f}M parameters, "
+              f"{counts['active'] / 1e6:.2f}M active per token, router {cfg.gate_mode} "
+              f"-> {out}", file=sys.stderr)
     return {"out": str(out), "collinear": near, **counts}
 
 
 def main(cfg) -> int:
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     build(cfg)
     return 0
 

@@ -12,10 +12,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmalloy.config import Config, positional
+from lmalloy.config import Config, positional, threads_field
 from lmalloy.data.config import DataFields
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "zero")
 # mergekit-moe keys that change nothing here (loading options of its engine)
 _MERGEKIT_IGNORED = {"tokenizer_source", "architecture", "shared_experts", "allow_crimes",
                      "out_dtype"}
@@ -60,7 +59,7 @@ class MoeBuildConfig(Config):
     seed: int = Field(0, description="seed for random routers and noise")
     out: str = Field(..., description="output Mixtral folder")
     overwrite: bool = Field(False, description="replace an existing output folder")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -135,7 +134,7 @@ class MoeAnalyzeConfig(DataFields):
                      "expert_shares.png and tokens.html")
     tokenizer: str | None = Field(None, description="tokenizer folder (default: the model's)")
     seq_len: int = Field(256, gt=1, description="tokens per analysed sequence")
-    max_tokens: int = Field(16384, gt=0, description="max tokens analysed per domain")
+    eval_tokens: int = Field(16384, gt=0, description="max tokens analysed per domain")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="as in training")
     split: Literal["val", "train", "all"] = Field("val", description="which documents")
     seed: int = Field(0, description="as in training")
@@ -146,8 +145,8 @@ class MoeAnalyzeConfig(DataFields):
     max_html_tokens: int = Field(400, gt=0, description="tokens coloured in tokens.html")
     batch_size: int = Field(8, gt=0, description="sequences per forward pass")
     json_output: bool = Field(False, alias="json", description="print JSON")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
-    overwrite: bool = Field(True, description="replace files in --out")
+    threads: int | None = threads_field()
+    overwrite: bool = Field(False, description="replace an existing --out folder")
 
 
-__all__ = ["Expert", "MoeBuildConfig", "MoeAnalyzeConfig", "GATE_MODES", "positional"]
+__all__ = ["Expert", "MoeBuildConfig", "MoeAnalyzeConfig"]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmalloy.config import Config
+from lmalloy.config import Config, threads_field
 from lmalloy.data.config import DataFields
 
 
@@ -35,7 +35,7 @@ class ProxyModels(Config):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32",
                                                              description="weights' dtype")
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()
     allow_pickle: bool = Field(False, description="allow pickle weights (weights_only)")
 
     @field_validator("alpha")
@@ -116,7 +116,7 @@ class ProxyEvalConfig(ProxyModels, DataFields):
     val_fraction: float = Field(0.05, ge=0, lt=1, description="as in training")
     seed: int = Field(0, description="as in training")
     seq_len: int = Field(256, gt=1, description="evaluation window (non-overlapping)")
-    max_tokens: int = Field(65536, gt=0, description="max tokens evaluated")
+    eval_tokens: int = Field(65536, gt=0, description="max tokens evaluated")
     batch_size: int = Field(8, gt=0, description="sequences per forward pass")
     perplexity: bool = Field(True, description="evaluate perplexity on the corpus")
     choices: str | None = Field(None, description="multiple-choice JSONL: {\"context\", "

@@ -84,8 +84,8 @@ def context_length(config) -> int | None:
 
 
 def check_folder(path: str, allow_pickle: bool = False) -> dict:
-    """The folder's config.json after checking it is a loadable causal LM folder (no weights
-    are read). Hub ids are passed through to transformers."""
+    """The folder's config.json after checking it is a local causal-LM folder (headers
+    only, no weights read). Hub ids are not accepted: nothing is downloaded."""
     from lmalloy.io.folder import open_model
 
     p = Path(path)
@@ -211,7 +211,7 @@ class ProxyTuned:
             if diff:
                 raise UserError(f"tokenizers of {large} and {p} differ: first differing "
                                 f"token at {diff}")
-        from lmalloy.eval.perplexity import load_causal_lm
+        from lmalloy.io.models import load_causal_lm
 
         loaded: dict[str, Any] = {}
         members = []
@@ -365,6 +365,20 @@ class ProxyTuned:
 
     # ------------------------------------------------------------ generation
 
+    def _states(self, enc: dict[int, list[list[int]]], use_cache: bool
+                ) -> tuple[list[_State], list[int]]:
+        """One decoding state per distinct (model, format), and each member's state index."""
+        states: list[_State] = []
+        slot: list[int] = []
+        seen_keys: dict[tuple, int] = {}
+        for k, m in enumerate(self.members):
+            key = (id(m.model), m.fmt)
+            if key not in seen_keys:
+                seen_keys[key] = len(states)
+                states.append(_State(m, *left_pad(enc[k], self.pad_id), use_cache))
+            slot.append(seen_keys[key])
+        return states, slot
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int | None = None,
@@ -385,36 +399,12 @@ class ProxyTuned:
         alphas = self.alphas if alphas is None else list(alphas)
         check_alphas(alphas)
         prompts = list(prompts)
-        B = len(prompts)
         enc = self.check_lengths(prompts)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-
-        # one decoding state per distinct (model, format): ids, mask, cache
-        states: list[_State] = []
-        slot: list[int] = []
-        seen_keys: dict[tuple, int] = {}
-        for k, m in enumerate(self.members):
-            key = (id(m.model), m.fmt)
-            if key not in seen_keys:
-                seen_keys[key] = len(states)
-                states.append(_State(m, *left_pad(enc[k], self.pad_id), use_cache))
-            slot.append(seen_keys[key])
-        steps = max_new_tokens
-        for st in states:
-            if st.m.ctx_len is not None:
-                steps = min(steps, st.m.ctx_len - st.ids.shape[1])
-        V = self.vocab
-        seen = torch.zeros(B, V, dtype=torch.bool)
-        for i, r in enumerate(enc[0]):
-            seen[i, torch.tensor([t for t in r if t < V], dtype=torch.long)] = True
-        out_ids: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        reason = ["length"] * B
-        texts = [""] * B
-        emitted = [0] * B
-        scores: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        hold = max((len(s) for s in stop), default=1) - 1
-        need_text = bool(stop) or on_text is not None  # else decode once at the end
+        states, slot = self._states(enc, use_cache)
+        steps = min([max_new_tokens] + [st.m.ctx_len - st.ids.shape[1] for st in states
+                                        if st.m.ctx_len is not None])
+        rows = _Rows(self, enc[0], stop, stop_at_eos, on_text)
         pool = ThreadPoolExecutor(1) if parallel and len(states) > 1 else None
         last: torch.Tensor | None = None  # (B,) the tokens fed at this step
         try:
@@ -423,57 +413,18 @@ class ProxyTuned:
                 z = combine(zs[slot[0]], [(zs[slot[1 + 2 * i]], zs[slot[2 + 2 * i]])
                                           for i in range(len(self.pairs))], alphas).cpu()
                 if return_scores:
-                    for i in range(B):
-                        if not done[i]:
-                            scores[i].append(z[i].clone())
-                z = _repetition(z, seen, repetition_penalty)
+                    rows.keep_scores(z)
+                z = _repetition(z, rows.seen, repetition_penalty)
                 nxt = next_tokens(z, temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=gen)  # (B,)
-                toks = nxt.tolist()
-                for i in range(B):
-                    if done[i]:
-                        toks[i] = self.pad_id
-                        continue
-                    t = toks[i]
-                    if stop_at_eos and t == self.eos_id:
-                        done[i], reason[i] = True, "eos"
-                        toks[i] = self.pad_id
-                    else:
-                        out_ids[i].append(t)
-                        if t < V:
-                            seen[i, t] = True
-                        if need_text:
-                            texts[i] = self.tokenizer.decode(out_ids[i],
-                                                             skip_special_tokens=False)
-                        if stop:
-                            cut = min((texts[i].find(s) for s in stop if s in texts[i]),
-                                      default=-1)
-                            if cut >= 0:
-                                texts[i] = texts[i][:cut]
-                                done[i], reason[i] = True, "stop"
-                    if on_text is not None:
-                        safe = len(texts[i]) if done[i] else len(texts[i]) - hold
-                        if not done[i]:
-                            while safe > emitted[i] and texts[i][safe - 1] == "\ufffd":
-                                safe -= 1
-                        if safe > emitted[i]:
-                            on_text(i, texts[i][emitted[i]:safe])
-                            emitted[i] = safe
-                last = torch.tensor(toks, dtype=torch.long)
-                if all(done):
+                last = torch.tensor(rows.accept(nxt.tolist()), dtype=torch.long)
+                if all(rows.done):
                     break
         finally:
             if pool is not None:
                 pool.shutdown()
         self.last_cache_bytes = {st.m.name: st.cache_bytes() for st in states}
-        if not need_text:
-            texts = [self.tokenizer.decode(r, skip_special_tokens=False) for r in out_ids]
-        if on_text is not None:
-            for i in range(B):
-                if emitted[i] < len(texts[i]):
-                    on_text(i, texts[i][emitted[i]:])
-        return [Generation(p, texts[i], out_ids[i], reason[i], scores[i])
-                for i, p in enumerate(prompts)]
+        return rows.finish(prompts)
 
     def _step_all(self, states: list[_State], last: torch.Tensor | None,
                   pool: ThreadPoolExecutor | None) -> list[torch.Tensor]:
@@ -482,6 +433,82 @@ class ProxyTuned:
         fut = pool.submit(states[0].step, last, self.vocab)
         rest = [st.step(last, self.vocab) for st in states[1:]]
         return [fut.result(), *rest]
+
+
+class _Rows:
+    """Per-row bookkeeping of a batch being decoded: tokens, text, stops, streaming."""
+
+    def __init__(self, proxy: ProxyTuned, prompt_ids: list[list[int]], stop: Sequence[str],
+                 stop_at_eos: bool, on_text: Callable[[int, str], None] | None):
+        B, V = len(prompt_ids), proxy.vocab
+        self.tok, self.eos_id, self.pad_id, self.V = proxy.tokenizer, proxy.eos_id, \
+            proxy.pad_id, V
+        self.stop, self.stop_at_eos, self.on_text = list(stop), stop_at_eos, on_text
+        self.seen = torch.zeros(B, V, dtype=torch.bool)  # tokens in each row, for the penalty
+        for i, r in enumerate(prompt_ids):
+            self.seen[i, torch.tensor([t for t in r if t < V], dtype=torch.long)] = True
+        self.ids: list[list[int]] = [[] for _ in range(B)]
+        self.done = [False] * B
+        self.reason = ["length"] * B
+        self.texts = [""] * B
+        self.emitted = [0] * B
+        self.scores: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.need_text = bool(stop) or on_text is not None  # else decode once at the end
+
+    def keep_scores(self, z: torch.Tensor) -> None:
+        for i in range(len(self.done)):
+            if not self.done[i]:
+                self.scores[i].append(z[i].clone())
+
+    def accept(self, toks: list[int]) -> list[int]:
+        """Take one sampled token per row; returns the tokens to feed (pad for done rows)."""
+        for i, t in enumerate(toks):
+            if self.done[i]:
+                toks[i] = self.pad_id
+                continue
+            if self.stop_at_eos and t == self.eos_id:
+                self.done[i], self.reason[i] = True, "eos"
+                toks[i] = self.pad_id
+            else:
+                self.ids[i].append(t)
+                if t < self.V:
+                    self.seen[i, t] = True
+                if self.need_text:
+                    self.texts[i] = self.tok.decode(self.ids[i], skip_special_tokens=False)
+                self._check_stop(i)
+            self._stream(i)
+        return toks
+
+    def _check_stop(self, i: int) -> None:
+        text = self.texts[i]
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            self.texts[i] = text[:cut]
+            self.done[i], self.reason[i] = True, "stop"
+
+    def _stream(self, i: int) -> None:
+        """Hand out the text that can no longer become a stop string or a split character."""
+        if self.on_text is None:
+            return
+        text = self.texts[i]
+        safe = len(text) if self.done[i] else len(text) - self.hold
+        if not self.done[i]:
+            while safe > self.emitted[i] and text[safe - 1] == "\ufffd":
+                safe -= 1
+        if safe > self.emitted[i]:
+            self.on_text(i, text[self.emitted[i]:safe])
+            self.emitted[i] = safe
+
+    def finish(self, prompts: list[str]) -> list[Generation]:
+        if not self.need_text:
+            self.texts = [self.tok.decode(r, skip_special_tokens=False) for r in self.ids]
+        if self.on_text is not None:
+            for i, t in enumerate(self.texts):
+                if self.emitted[i] < len(t):
+                    self.on_text(i, t[self.emitted[i]:])
+        return [Generation(p, self.texts[i], self.ids[i], self.reason[i], self.scores[i])
+                for i, p in enumerate(prompts)]
 
 
 class _State:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -50,26 +49,9 @@ def read_choices(path: str) -> list[dict]:
     return items
 
 
-def _check_out_file(out: str, overwrite: bool) -> Path:
-    p = Path(out)
-    if p.is_dir():
-        raise UserError(f"--out {out} is a folder; expected a .jsonl file path")
-    if p.exists() and not overwrite:
-        raise UserError(f"--out {out} exists (pass --overwrite to replace it)")
-    if not p.parent.exists():
-        raise UserError(f"--out {out}: folder {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK):
-        raise UserError(f"--out {out}: folder {p.parent} is not writable")
-    return p
-
-
 def _load(cfg):
-    import torch
-
     from lmalloy.proxy.model import ProxyTuned
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     return ProxyTuned.from_pretrained(cfg.large, cfg.tuned, cfg.untuned, cfg.alphas(),
                                       formats=cfg.formats(), tokenizer=cfg.tokenizer,
                                       dtype=cfg.dtype, device=cfg.device,
@@ -78,7 +60,9 @@ def _load(cfg):
 
 def generate_main(cfg) -> int:
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
-    out = _check_out_file(cfg.out, cfg.overwrite) if cfg.out else None
+    from lmalloy.io.writer import atomic_write_text, check_output_file
+
+    out = check_output_file(cfg.out, cfg.overwrite) if cfg.out else None
     proxy = _load(cfg)
     proxy.check_lengths(prompts)  # every prompt fits before the first token is generated
     stream = out is None and not cfg.json_output and len(prompts) == 1
@@ -104,12 +88,8 @@ def generate_main(cfg) -> int:
     if stream:
         print()
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                       for r in results), overwrite=cfg.overwrite)
         print(f"wrote {len(results)} generations to {out}", file=sys.stderr)
     return 0
 
@@ -120,89 +100,113 @@ def gap_closed(large: float, proxy: float, tuned_large: float) -> float:
     return (proxy - large) / d if d else float("nan")
 
 
-def eval_main(cfg) -> int:
-    import torch
-
-    from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import evaluate, load_causal_lm
-    from lmalloy.proxy.model import (
-        Member,
-        ProxyTuned,
-        check_folder,
-        context_length,
-        first_vocab_difference,
-        load_tokenizer,
-    )
-
-    items = read_choices(cfg.choices) if cfg.choices else None
+def _check_eval(cfg) -> None:
     for p in [cfg.large, *cfg.tuned, *cfg.untuned] + ([cfg.tuned_large] if cfg.tuned_large
                                                       else []):
+        from lmalloy.proxy.model import check_folder
+
         conf = check_folder(p, cfg.allow_pickle)
         limit = conf.get("max_position_embeddings")
         if cfg.perplexity and limit and cfg.seq_len > limit:
             raise UserError(f"`--seq-len` {cfg.seq_len} is above {p}'s context window of "
                             f"{limit} tokens")
+
+
+def _tuned_large(cfg, proxy):
+    """The directly tuned large model as a one-member ensemble (or None)."""
+    if not cfg.tuned_large:
+        return None
+    from lmalloy.io.models import load_causal_lm
+    from lmalloy.proxy.model import (
+        Member,
+        ProxyTuned,
+        context_length,
+        first_vocab_difference,
+        load_tokenizer,
+    )
+
+    tl_tok = load_tokenizer(cfg.tuned_large) if (Path(cfg.tuned_large) / "tokenizer.json"
+                                                ).is_file() else proxy.tokenizer
+    diff = first_vocab_difference(proxy.tokenizer.get_vocab(), tl_tok.get_vocab())
+    if diff:
+        raise UserError(f"tokenizers of {cfg.large} and {cfg.tuned_large} differ: first "
+                        f"differing token at {diff}")
+    model = load_causal_lm(cfg.tuned_large, cfg.allow_pickle, cfg.dtype).to(cfg.device)
+    return ProxyTuned(Member(cfg.tuned_large, "large", model, tl_tok, cfg.large_format,
+                             context_length(model.config)), [], [])
+
+
+def _perplexity_rows(cfg, corpus, fns: dict, rows: dict) -> None:
+    """Loss, perplexity and bits per byte of each logits function, into `rows`."""
+    from lmalloy.data.cache import packed
+    from lmalloy.data.pack import load_tokens
+    from lmalloy.data.tokenizer import Tok
+    from lmalloy.train.heldout import evaluate
+
+    tok = Tok.load(cfg.tokenizer or cfg.large)
+    folder, meta = packed(corpus, tok, cfg.val_fraction, cfg.seed)
+    splits = ["train", "val"] if cfg.split == "all" else [cfg.split]
+    tb = tok.token_bytes()
+    for name, fn in fns.items():
+        nll = n = nbytes = 0.0
+        for split in splits:
+            tokens = load_tokens(folder, split, meta)
+            spans = {d: tuple(v[split]) for d, v in meta["domains"].items()}
+            r = evaluate(None, tokens, spans, cfg.seq_len, cfg.eval_tokens // len(splits),
+                         tb, cfg.batch_size, logits_fn=fn)
+            nll += r["nll"]
+            n += r["tokens"]
+            nbytes += r["bytes"]
+        if not n:
+            raise UserError(f"no {cfg.split} tokens to evaluate (documents shorter than "
+                            f"--seq-len {cfg.seq_len}?)")
+        rows[name].update(loss=nll / n, ppl=math.exp(min(nll / n, 50)), tokens=int(n),
+                          bpb=nll / math.log(2) / nbytes if nbytes else float("nan"))
+
+
+def _print_eval(rows: dict, gap: dict) -> None:
+    def f(r: dict, k: str, spec: str) -> str:
+        return format(r[k], spec) if k in r else "-"
+
+    print(f"{'':<12} {'loss':>8} {'ppl':>9} {'bpb':>7} {'accuracy':>9}  model")
+    for name, r in rows.items():
+        print(f"{name:<12} {f(r, 'loss', '8.4f'):>8} {f(r, 'ppl', '9.2f'):>9} "
+              f"{f(r, 'bpb', '7.4f'):>7} {f(r, 'accuracy', '9.3f'):>9}  {r['model']}")
+    for k, v in gap.items():
+        print(f"fraction of the large -> tuned-large gap closed ({k}): {v:.3f}")
+
+
+def eval_main(cfg) -> int:
+    import torch
+
+    from lmalloy.proxy.model import ProxyTuned
+
+    items = read_choices(cfg.choices) if cfg.choices else None
+    _check_eval(cfg)
+    corpus = None
     if cfg.perplexity:
         from lmalloy.data.corpus import load_corpus
 
         corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains,
                              cfg.max_chars_per_domain)
     proxy = _load(cfg)
-    tl = None
-    if cfg.tuned_large:
-        tl_tok = load_tokenizer(cfg.tuned_large) if (Path(cfg.tuned_large) / "tokenizer.json"
-                                                    ).is_file() else proxy.tokenizer
-        diff = first_vocab_difference(proxy.tokenizer.get_vocab(), tl_tok.get_vocab())
-        if diff:
-            raise UserError(f"tokenizers of {cfg.large} and {cfg.tuned_large} differ: first "
-                            f"differing token at {diff}")
-        model = load_causal_lm(cfg.tuned_large, cfg.allow_pickle, cfg.dtype).to(cfg.device)
-        tl = ProxyTuned(Member(cfg.tuned_large, "large", model, tl_tok, cfg.large_format,
-                               context_length(model.config)), [], [])
+    tl = _tuned_large(cfg, proxy)
     large_alone = ProxyTuned(proxy.large, [], [])  # the same model, no pairs run
     steer = " + ".join(f"{a:g}*({t} - {u})" for a, t, u in zip(
         proxy.alphas, cfg.tuned, cfg.untuned, strict=True))
+    selectors = {"large": large_alone, "proxy-tuned": proxy}
     rows: dict[str, dict] = {"large": {"model": cfg.large},
                              "proxy-tuned": {"model": f"{cfg.large} + {steer}"}}
     if tl is not None:
+        selectors["tuned large"] = tl
         rows["tuned large"] = {"model": cfg.tuned_large}
-    if cfg.perplexity:
-        from lmalloy.data.pack import load_tokens, pack
-        from lmalloy.eval.perplexity import cache_dir
-
-        tok = Tok.load(cfg.tokenizer or cfg.large)
-        folder = cache_dir() / "packed" / tok.fingerprint()
-        meta = pack(corpus, tok, folder, cfg.val_fraction, cfg.seed)
-        splits = ["train", "val"] if cfg.split == "all" else [cfg.split]
-        tb = tok.token_bytes()
-        fns = {"large": lambda x: large_alone.logits(x).to(x.device),
-               "proxy-tuned": lambda x: proxy.logits(x).to(x.device)}
-        if tl is not None:
-            fns["tuned large"] = lambda x: tl.logits(x).to(x.device)
-        for name, fn in fns.items():
-            nll = n = nbytes = 0.0
-            for split in splits:
-                tokens = load_tokens(folder, split, meta)
-                spans = {d: tuple(v[split]) for d, v in meta["domains"].items()}
-                r = evaluate(None, tokens, spans, cfg.seq_len, cfg.max_tokens // len(splits),
-                             tb, cfg.batch_size, logits_fn=fn)
-                nll += r["loss"] * r["tokens"] if r["tokens"] else 0
-                n += r["tokens"]
-                nbytes += r["loss"] * r["tokens"] / math.log(2) / r["bpb"] if r["bpb"] else 0
-            if not n:
-                raise UserError(f"no {cfg.split} tokens to evaluate (documents shorter than "
-                                f"--seq-len {cfg.seq_len}?)")
-            rows[name].update(loss=nll / n, ppl=math.exp(min(nll / n, 50)), tokens=int(n),
-                              bpb=nll / math.log(2) / nbytes if nbytes else float("nan"))
+    if corpus is not None:
+        _perplexity_rows(cfg, corpus, {k: (lambda x, m=m: m.logits(x).to(x.device))
+                                       for k, m in selectors.items()}, rows)
     if items is not None:
         with torch.no_grad():
-            rows["large"]["accuracy"] = large_alone.choose(items, cfg.batch_size,
-                                                           cfg.normalize)["accuracy"]
-            rows["proxy-tuned"]["accuracy"] = proxy.choose(items, cfg.batch_size,
-                                                           cfg.normalize)["accuracy"]
-            if tl is not None:
-                rows["tuned large"]["accuracy"] = tl.choose(items, cfg.batch_size,
-                                                            cfg.normalize)["accuracy"]
+            for k, m in selectors.items():
+                rows[k]["accuracy"] = m.choose(items, cfg.batch_size, cfg.normalize)["accuracy"]
     gap = {}
     if tl is not None:
         for key in ("loss", "accuracy"):
@@ -211,14 +215,6 @@ def eval_main(cfg) -> int:
                                       rows["tuned large"][key])
     if cfg.json_output:
         print(json.dumps({"rows": rows, "gap_closed": gap}, indent=2))
-        return 0
-    print(f"{'':<12} {'loss':>8} {'ppl':>9} {'bpb':>7} {'accuracy':>9}  model")
-    def f(r: dict, k: str, spec: str) -> str:
-        return format(r[k], spec) if k in r else "-"
-
-    for name, r in rows.items():
-        print(f"{name:<12} {f(r, 'loss', '8.4f'):>8} {f(r, 'ppl', '9.2f'):>9} "
-              f"{f(r, 'bpb', '7.4f'):>7} {f(r, 'accuracy', '9.3f'):>9}  {r['model']}")
-    for k, v in gap.items():
-        print(f"fraction of the large -> tuned-large gap closed ({k}): {v:.3f}")
+    else:
+        _print_eval(rows, gap)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from lmalloy.config import Config, positional
+from lmalloy.config import Config, also, positional, threads_field
 from lmalloy.data.config import DataFields
 
 # corruption kinds of the built-in generator (see lmalloy.reward.data.CORRUPTIONS)
@@ -61,10 +61,12 @@ class RewardDataConfig(DataFields):
 
 
 class RewardTrainConfig(Config):
-    init_from: list[str] = Field(..., description="causal-LM HF folder to start from (one: "
-                                 "the shared init of all models; M folders, e.g. checkpoints "
-                                 "of one fine-tuning run: Baklava, one init per model)")
-    data: list[str] = Field(..., description="JSONL preference files (prompt, chosen, rejected)")
+    base_model: list[str] = Field(..., description="causal-LM HF folder to start from (one: "
+                                  "the shared init of all models; M folders, e.g. checkpoints "
+                                  "of one fine-tuning run: Baklava, one init per model)",
+                                  **also("init_from"))
+    pairs: list[str] = Field(..., description="JSONL preference files (prompt, chosen, "
+                             "rejected)")
     out: str = Field("runs/reward", description="run folder: rm-00, rm-01, ... HF folders")
     num_models: int = Field(1, ge=1, description="reward models to fine-tune (M)")
     lr: list[float] = Field([1e-4], description="peak learning rate, or a range `LOW,HIGH` "
@@ -74,7 +76,7 @@ class RewardTrainConfig(Config):
     epochs: float = Field(1.0, gt=0, description="passes over the pairs")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps (overrides --epochs)")
     batch_size: int = Field(16, gt=0, description="pairs per optimizer step")
-    max_len: int = Field(256, gt=1, description="max tokens of prompt + answer (the prompt is "
+    seq_len: int = Field(256, gt=1, description="max tokens of prompt + answer (the prompt is "
                          "cut from the left)")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default 5%)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
@@ -82,7 +84,7 @@ class RewardTrainConfig(Config):
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 disables)")
     seed: int = Field(0, description="seed of the shared head init; model i trains with "
                       "seed + 1 + i (data order, dropout, hyperparameter draws)")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()
     overwrite: bool = Field(False, description="replace an existing run folder")
     progress: bool = Field(True, description="show a progress bar")
 
@@ -101,9 +103,9 @@ class RewardTrainConfig(Config):
 
     @model_validator(mode="after")
     def _inits(self):
-        if len(self.init_from) not in (1, self.num_models):
-            raise ValueError(f"--init-from: give one folder (shared init) or --num-models "
-                             f"{self.num_models} folders (Baklava), got {len(self.init_from)}")
+        if len(self.base_model) not in (1, self.num_models):
+            raise ValueError(f"--base-model: give one folder (shared init) or --num-models "
+                             f"{self.num_models} folders (Baklava), got {len(self.base_model)}")
         return self
 
 
@@ -126,24 +128,25 @@ class RewardWarmConfig(Config):
 class RewardEvalConfig(Config):
     models: list[str] = Field(..., **positional("reward-model folders (or a `reward train` "
                                                  "run folder holding rm-*)"))
-    data: list[str] = Field(..., description="JSONL test files; accuracy is reported per file "
-                            "and per `distribution` field")
+    pairs: list[str] = Field(..., description="JSONL test files of preference pairs; "
+                             "accuracy is reported per file and per `distribution` field")
     warm: str | None = Field(None, description="the WARM folder (default: the uniform weight "
                              "average, computed in memory)")
-    train_data: str | None = Field(None, description="training JSONL: accuracy on its "
-                                   "`flipped` pairs measures memorisation of noisy labels")
+    train_pairs: str | None = Field(None, description="training JSONL: accuracy on its "
+                                    "`flipped` pairs measures memorisation of noisy labels")
     policy: str | None = Field(None, description="causal LM that samples answers for best-of-N")
     gold: str | None = Field(None, description="reward model that judges best-of-N picks")
     bon_n: int = Field(8, ge=2, description="answers sampled per prompt for best-of-N")
-    bon_prompts: int = Field(32, gt=0, description="prompts (from --data) for best-of-N")
+    bon_prompts: int = Field(32, gt=0, description="prompts (from --pairs) for best-of-N")
     max_new_tokens: int = Field(48, gt=0, description="tokens per sampled answer")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int | None = Field(50, gt=0, description="top-k sampling (none: full distribution)")
-    max_len: int = Field(256, gt=1, description="max tokens of prompt + answer when scoring")
+    seq_len: int = Field(256, gt=1, description="max tokens of prompt + answer when scoring")
     batch_size: int = Field(32, gt=0, description="sequences per scoring batch")
     seed: int = Field(0, description="sampling seed")
     out: str | None = Field(None, description="write the results as JSON here")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    overwrite: bool = Field(False, description="replace an existing --out file")
+    threads: int | None = threads_field()
 
     @model_validator(mode="after")
     def _bon(self):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Callable
@@ -69,21 +68,12 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def write_pairs(pairs: list[Pair], path: str | Path) -> None:
-    """Write JSONL atomically (temporary file beside it, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for x in pairs:
-                f.write(json.dumps(asdict(x), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
+def write_pairs(pairs: list[Pair], path: str | Path, overwrite: bool = True) -> None:
+    """Write JSONL atomically (`lmalloy.io.writer.atomic_write_text`)."""
+    from lmalloy.io.writer import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n"
+                                    for x in pairs), overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- corruptions
@@ -251,17 +241,14 @@ def main(cfg) -> int:
     import sys
 
     from lmalloy.data.corpus import load_corpus
+    from lmalloy.io.writer import check_output_file
 
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise UserError(f"output file {out} already exists; pass --overwrite to replace it")
-    if out.exists() and out.is_dir():
-        raise UserError(f"output {out} is a folder; --out names a .jsonl file")
+    out = check_output_file(cfg.out, cfg.overwrite)
     corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
     pairs = generate(corpus.documents, cfg.kinds, cfg.num_pairs, cfg.label_noise,
                      cfg.prompt_lines, cfg.answer_lines, cfg.max_chars, cfg.seed, cfg.split,
                      cfg.test_fraction)
-    write_pairs(pairs, out)
+    write_pairs(pairs, out, overwrite=cfg.overwrite)
     n_flip = sum(p.flipped for p in pairs)
     short = f" (asked {cfg.num_pairs}; the corpus has no more snippets)" \
         if len(pairs) < cfg.num_pairs else ""

@@ -82,15 +82,13 @@ def summarize(values: dict[str, float], singles: list[str], lower_is_better: boo
 # ----------------------------------------------------------------------------- models
 
 
-def average_state(models) -> dict[str, torch.Tensor]:
-    """Uniform average of the models' state dicts (fp32)."""
-    states = [m.state_dict() for m in models]
-    return {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
-
-
 def _load_warm(cfg, models, folders):
+    """The WARM folder given, or the uniform weight average of the RMs computed in memory
+    by the same streaming average `reward warm` writes (`lmalloy.average.weighted`)."""
     import copy
 
+    from lmalloy.average.weighted import Combination, average_state
+    from lmalloy.io.models import load_weights
     from lmalloy.reward.model import load_reward_model
 
     if cfg.warm:
@@ -99,7 +97,7 @@ def _load_warm(cfg, models, folders):
 
     check_compatible(folders)
     warm = copy.deepcopy(models[0])
-    warm.load_state_dict(average_state(models))
+    load_weights(warm, average_state(folders, Combination.uniform(len(folders)), folders[0]))
     return warm
 
 
@@ -107,7 +105,7 @@ def sample_answers(policy_path: str, prompts: list[str], n: int, max_new_tokens:
                    temperature: float, top_k: int | None, seed: int) -> list[list[str]]:
     """N sampled answers per prompt from a causal LM (stopped at EOS), as text."""
     from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import load_causal_lm
+    from lmalloy.io.models import load_causal_lm
 
     model = load_causal_lm(policy_path)
     tok = Tok.load(policy_path)
@@ -171,8 +169,8 @@ def evaluate(cfg) -> dict:
     paths = resolve_models(cfg.models)
     for p in paths:
         check_reward_folder(p)
-    tests = {f: read_pairs(f) for f in cfg.data}
-    train = read_pairs(cfg.train_data) if cfg.train_data else None
+    tests = {f: read_pairs(f) for f in cfg.pairs}
+    train = read_pairs(cfg.train_pairs) if cfg.train_pairs else None
     _check_inputs(cfg)
     folders = [open_model(p) for p in paths]
     names = [p.name for p in paths]
@@ -187,7 +185,7 @@ def evaluate(cfg) -> dict:
         sel["warm"] = _load_warm(cfg, models, folders)
     elif cfg.warm:
         sel["warm"] = load_reward_model(cfg.warm)
-    enc = Encoder(paths[0], models[0].config.pad_token_id, cfg.max_len)
+    enc = Encoder(paths[0], models[0].config.pad_token_id, cfg.seq_len)
 
     def all_scores(prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         seqs = enc(prompts, answers)
@@ -242,7 +240,7 @@ def best_of_n_eval(cfg, tests, all_scores, names) -> dict:
     flat_a = [a for row in answers for a in row]
     s = {k: v.view(len(prompts), N) for k, v in all_scores(flat_p, flat_a).items()}
     gold = load_reward_model(cfg.gold)
-    genc = Encoder(cfg.gold, gold.config.pad_token_id, cfg.max_len)
+    genc = Encoder(cfg.gold, gold.config.pad_token_id, cfg.seq_len)
     gold_PN = score(gold, genc(flat_p, flat_a), genc.pad_id, cfg.batch_size).view(len(prompts), N)
     picks = {k: best_of_n(v) for k, v in s.items()}
     rows = torch.arange(len(prompts))
@@ -287,17 +285,13 @@ def _table(res: dict) -> str:
 
 
 def main(cfg) -> int:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.out and Path(cfg.out).is_dir():
-        raise UserError(f"--out {cfg.out} is a folder; it names a JSON file")
+    from lmalloy.io.writer import atomic_write_text, check_output_file
+
+    if cfg.out:
+        check_output_file(cfg.out, cfg.overwrite)
     res = evaluate(cfg)
     print(_table(res))
     if cfg.out:
-        p = Path(cfg.out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".{p.name}.tmp"
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(p)
-        print(f"results -> {p}", file=sys.stderr)
+        atomic_write_text(cfg.out, json.dumps(res, indent=1) + "\n", overwrite=cfg.overwrite)
+        print(f"results -> {cfg.out}", file=sys.stderr)
     return 0

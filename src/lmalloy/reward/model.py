@@ -83,14 +83,6 @@ def score(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32,
     return out
 
 
-def quiet_transformers() -> None:
-    """No load reports or progress bars from transformers (a missing `score` head is expected)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def num_labels(config: dict) -> int:
     """Labels of an HF config dict (transformers omits id2label for its default of 2)."""
     if "num_labels" in config:
@@ -116,17 +108,12 @@ def check_reward_folder(path: str | Path):
     return m
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_reward_model(path: str | Path, dtype: str = "float32"):
     """An `AutoModelForSequenceClassification` reward model from a folder, in eval mode."""
-    from transformers import AutoModelForSequenceClassification
+    from lmalloy.io.models import load_sequence_classifier
 
     check_reward_folder(path)
-    quiet_transformers()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: transformers cannot load it as a reward model "
-                        f"({str(e).splitlines()[0][:200]})") from None
+    model = load_sequence_classifier(path, dtype)
     if model.config.pad_token_id is None:
         raise UserError(f"{path}: config.json has no pad_token_id; the score position "
                         "(last non-padding token) needs one")
@@ -134,21 +121,21 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model
 
 
-def reward_from_causal_lm(path: str | Path, head_seed: int = 0, dtype=torch.float32):
+def reward_from_causal_lm(path: str | Path, head_seed: int = 0, dtype: str = "float32"):
     """A fresh one-label reward model whose body is the causal LM in `path`.
 
     The head is N(0, initializer_range²) drawn from `head_seed` (not from the global RNG),
     so every model built with the same seed shares its initialisation, as WARM needs.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from lmalloy.data.tokenizer import Tok
     from lmalloy.io.folder import open_model
+    from lmalloy.io.models import is_causal_lm, load_sequence_classifier
 
     m = open_model(path)
     archs = m.config.get("architectures") or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForSequenceClassification"))
-                         for a in archs):
+    if not is_causal_lm(m.config) and not archs[0].endswith("ForSequenceClassification"):
         raise UserError(f"{path}: {archs[0]} is not a causal language model")
     cfg = AutoConfig.from_pretrained(path)
     cfg.num_labels = 1
@@ -157,13 +144,7 @@ def reward_from_causal_lm(path: str | Path, head_seed: int = 0, dtype=torch.floa
     if cfg.pad_token_id is None:
         raise UserError(f"{path}: neither config.json nor the tokenizer names a pad token; "
                         "the reward head reads the last non-padding token and needs one")
-    quiet_transformers()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg,
-                                                                   dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: transformers cannot build a reward model from it "
-                        f"({str(e).splitlines()[0][:200]})") from None
+    model = load_sequence_classifier(path, dtype, config=cfg, allow_missing=("score.",))
     if archs and archs[0].endswith("ForSequenceClassification"):
         return model  # already a reward model: keep its head
     head = getattr(model, "score", None)

@@ -5,7 +5,7 @@ initialisation with diverse hyperparameters, so their weights stay linearly conn
 and can be averaged. Here every model starts from the same causal LM with the same
 score head (drawn from `--seed`), and model i draws its own seed (data order, dropout
 noise), peak learning rate (log-uniform in `--lr LOW,HIGH`) and attention dropout
-(uniform in `--dropout LOW,HIGH`). Baklava (WARM, section 3.3): give `--init-from` one
+(uniform in `--dropout LOW,HIGH`). Baklava (WARM, section 3.3): give `--base-model` one
 folder per model, e.g. checkpoints of one fine-tuning run, instead of one shared body.
 
 The optimisation is the trainer's: AdamW, weight decay on matrices only, gradient
@@ -142,24 +142,20 @@ def save_reward_model(model, folder: Path, aux_from: Path, meta: dict) -> None:
 
 
 def _check_inits(paths: list[str]) -> None:
-    from lmalloy.io.folder import open_model
+    from lmalloy.io.folder import compare_tensors, open_model
+    from lmalloy.io.tokenizer_files import check_same_tokenizer
 
-    first = open_model(paths[0])
-    for p in paths[1:]:
-        m = open_model(p)
-        if m.architecture != first.architecture:
-            raise UserError(f"--init-from: {p} is {m.architecture}, {paths[0]} is "
-                            f"{first.architecture}; Baklava inits must share an architecture")
-        if {k: v.shape for k, v in m.tensors.items()} != \
-                {k: v.shape for k, v in first.tensors.items()}:
-            raise UserError(f"--init-from: {p} and {paths[0]} have different tensors or "
-                            "shapes; Baklava inits must be checkpoints of one model")
+    folders = [open_model(p) for p in paths]
+    for m in folders[1:]:
+        if m.architecture != folders[0].architecture:
+            raise UserError(f"--base-model: {m.path} is {m.architecture}, {paths[0]} is "
+                            f"{folders[0].architecture}; Baklava inits must share an "
+                            "architecture")
+    compare_tensors(folders[0], folders)
     for p in paths:
         if not (Path(p) / "tokenizer.json").is_file():
-            raise UserError(f"--init-from: {p} has no tokenizer.json")
-    fps = {hashlib.sha256((Path(p) / "tokenizer.json").read_bytes()).hexdigest() for p in paths}
-    if len(fps) > 1:
-        raise UserError("--init-from: the folders have different tokenizers")
+            raise UserError(f"--base-model: {p} has no tokenizer.json")
+    check_same_tokenizer(folders)
 
 
 def main(cfg) -> int:
@@ -168,25 +164,23 @@ def main(cfg) -> int:
     from lmalloy.reward.model import Encoder, reward_from_causal_lm
     from lmalloy.train.trainer import Dist
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    pairs = [p for f in cfg.data for p in read_pairs(f)]
-    _check_inits(cfg.init_from)
-    out = check_output(cfg.out, cfg.overwrite, inputs=cfg.init_from, flag="--out")
+    pairs = [p for f in cfg.pairs for p in read_pairs(f)]
+    _check_inits(cfg.base_model)
+    out = check_output(cfg.out, cfg.overwrite, inputs=cfg.base_model)
     dist = Dist.init()
     if dist.world > 1:
         raise UserError("`reward train` runs in one process (it trains the M models one after "
                         "another); run it without torchrun")
-    base = reward_from_causal_lm(cfg.init_from[0], head_seed=cfg.seed)
+    base = reward_from_causal_lm(cfg.base_model[0], head_seed=cfg.seed)
     group = init_group(base)
     base_dropout = getattr(base.config, "attention_dropout", 0.0)
-    enc = Encoder(cfg.init_from[0], base.config.pad_token_id, cfg.max_len)
+    enc = Encoder(cfg.base_model[0], base.config.pad_token_id, cfg.seq_len)
     ids = list(zip(enc([p.prompt for p in pairs], [p.chosen for p in pairs]),
                    enc([p.prompt for p in pairs], [p.rejected for p in pairs]), strict=True))
     n_params = sum(p.numel() for p in base.parameters())
     print(f"reward train: {cfg.num_models} model(s) of {n_params / 1e6:.2f}M parameters on "
           f"{len(pairs):,} pairs ({sum(p.flipped for p in pairs)} marked flipped)"
-          + (", Baklava inits" if len(cfg.init_from) > 1 else ", one shared init"),
+          + (", Baklava inits" if len(cfg.base_model) > 1 else ", one shared init"),
           file=sys.stderr)
     with atomic_output(out, cfg.overwrite) as tmp:
         metrics = open(tmp / "metrics.jsonl", "w")  # noqa: SIM115
@@ -198,8 +192,8 @@ def main(cfg) -> int:
         summary = []
         for i in range(cfg.num_models):
             hp = draw_hparams(cfg, i)
-            init = cfg.init_from[i if len(cfg.init_from) > 1 else 0]
-            if len(cfg.init_from) > 1 and i > 0:
+            init = cfg.base_model[i if len(cfg.base_model) > 1 else 0]
+            if len(cfg.base_model) > 1 and i > 0:
                 model = reward_from_causal_lm(init, head_seed=cfg.seed)
             else:
                 model = copy.deepcopy(base)

@@ -7,10 +7,9 @@ fine-tuned from one initialisation, so the models must share the architecture, t
 (one label, same shapes) and, when their `reward.json` says, the initialisation id
 written by `reward train`.
 
-The average streams tensor by tensor through memory-mapped safetensors into a
-`ShardedWriter` inside `atomic_output` (accumulated in fp32, written in the inputs'
-dtype): peak memory is a few tensors, whatever M. It is exactly `lmalloy merge --method
-linear` with the same weights (a test checks).
+The average is `lmalloy.average.weighted` (chunked, fp32 accumulation, written in the
+inputs' dtype inside an atomic output folder): peak memory is a few chunks, whatever M.
+It is exactly `lmalloy merge --method linear` with the same weights (a test checks).
 """
 
 from __future__ import annotations
@@ -53,6 +52,8 @@ def _head_info(m) -> tuple:
 
 def check_compatible(folders: list) -> str | None:
     """UserError unless the reward models can be averaged; returns their shared init id."""
+    from lmalloy.io.folder import compare_tensors
+    from lmalloy.io.tokenizer_files import check_same_tokenizer
     from lmalloy.reward.model import check_reward_folder
 
     ref = folders[0]
@@ -70,13 +71,8 @@ def check_compatible(folders: list) -> str | None:
             raise UserError(f"different heads: {f.path} has {_head_info(f)[1]} with "
                             f"{_head_info(f)[0]} label(s), {ref.path} has {_head_info(ref)[1]} "
                             f"with {_head_info(ref)[0]}")
-        names = set(f.tensors) ^ set(ref.tensors)
-        if names:
-            raise UserError(f"{f.path} and {ref.path} differ in tensor `{sorted(names)[0]}`")
-        for n, t in ref.tensors.items():
-            if f.tensors[n].shape != t.shape:
-                raise UserError(f"`{n}` is {list(f.tensors[n].shape)} in {f.path} but "
-                                f"{list(t.shape)} in {ref.path}")
+    compare_tensors(ref, folders)
+    check_same_tokenizer(folders)
     groups = {}
     for f in folders:
         meta = f.path / "reward.json"
@@ -90,30 +86,10 @@ def check_compatible(folders: list) -> str | None:
     return vals.pop() if len(vals) == 1 else None
 
 
-def average_into(folders: list, weights: list[float], out: Path) -> None:
-    """Σ wᵢ θᵢ, streamed tensor by tensor into the (existing, empty) folder `out`."""
-    import torch
-
-    from lmalloy.io.folder import TORCH_DTYPE_NAMES
-    from lmalloy.io.writer import ShardedWriter, copy_aux_files
-
-    ref = folders[0]
-    plan = [(n, t.dtype, t.shape) for n, t in ref.tensors.items()]
-    writer = ShardedWriter(out, plan)
-    for name, dt, _shape in plan:
-        acc = None
-        for w, f in zip(weights, folders, strict=True):
-            x = f.read(name).float()
-            acc = x * w if acc is None else acc.add_(x, alpha=w)
-        writer.write(name, acc.to(getattr(torch, TORCH_DTYPE_NAMES[dt])))
-    writer.close()
-    (out / "config.json").write_text(json.dumps(ref.config, indent=2, sort_keys=True) + "\n")
-    copy_aux_files(ref.path, out)
-
-
 def main(cfg) -> int:
+    from lmalloy.average.weighted import Combination, write_average
     from lmalloy.io.folder import open_model
-    from lmalloy.io.writer import atomic_output, check_output
+    from lmalloy.io.writer import check_output
 
     paths = resolve_models(cfg.models)
     if len(paths) < 2:
@@ -124,12 +100,11 @@ def main(cfg) -> int:
     w = [x / sum(w) for x in w]
     folders = [open_model(p) for p in paths]
     group = check_compatible(folders)
-    out = check_output(cfg.out, cfg.overwrite, inputs=paths, flag="--out")
-    with atomic_output(out, cfg.overwrite) as tmp:
-        average_into(folders, w, tmp)
-        (tmp / "reward.json").write_text(json.dumps(
-            {"warm_of": [str(p) for p in paths], "weights": w, "init_group": group},
-            indent=1) + "\n")
+    out = check_output(cfg.out, cfg.overwrite, inputs=paths)
+    meta = json.dumps({"warm_of": [str(p) for p in paths], "weights": w, "init_group": group},
+                      indent=1) + "\n"
+    write_average(folders, Combination(tuple(w)), out, ref=folders[0], overwrite=cfg.overwrite,
+                  extra=lambda tmp: (tmp / "reward.json").write_text(meta))
     print(f"WARM: averaged {len(paths)} reward models (weights "
           f"{', '.join(f'{x:.3f}' for x in w)}) -> {out}", file=sys.stderr)
     return 0

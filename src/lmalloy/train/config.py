@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmalloy.average.config import AVERAGERS, EMASettings, LaWASettings, SWASettings
+from lmalloy.config import also, threads_field
 from lmalloy.data.config import DataFields, valid_vocab_size
 
 # keys that may change between a run and its `--resume`
@@ -42,7 +43,7 @@ class TrainConfig(DataFields):
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the newest N")
     log_every: int = Field(10, gt=0, description="log training metrics every N steps")
     seed: int = Field(0, description="seed for initialisation and data order")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    threads: int | None = threads_field()
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="strategy under torchrun")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: "
                                       "a table for known GPUs; measured matmul peak on CPU)")
@@ -82,7 +83,8 @@ class PretrainConfig(TrainConfig):
 
 
 class FinetuneConfig(TrainConfig):
-    init_from: str = Field(..., description="HF model folder to start from")
+    base_model: str = Field(..., description="HF model folder to start from",
+                            **also("init_from"))
     out: str = Field("runs/finetune", description="run folder")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     freeze: list[str] = Field([], description="freeze parameters whose names match these "

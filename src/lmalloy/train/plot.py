@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (none if it is missing)."""
+    p = Path(path)
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
 
 
 def plot_run(records: list[dict], out: Path, title: str = "") -> Path:

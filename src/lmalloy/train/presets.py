@@ -26,7 +26,7 @@ dense preset's FFN, so `small-moe` has the same *active* parameters per token as
 
 from __future__ import annotations
 
-from lmalloy.errors import UserError, unknown
+from lmalloy.errors import UserError, closest, unknown
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -83,6 +83,20 @@ def model_kwargs(preset: str, vocab_size: int, overrides: dict | None = None) ->
             raise UserError(f"model_overrides `{extra[0]}` applies to MoE presets only "
                             "(tiny-moe, small-moe)")
     return kw
+
+
+def check_overrides(preset: str, overrides: dict) -> None:
+    """UserError for a `--model-overrides` key the preset's config class does not have."""
+    if not overrides:
+        return
+    from transformers import LlamaConfig, MixtralConfig
+
+    cls = MixtralConfig if is_moe(PRESETS.get(preset, {})) else LlamaConfig
+    known = set(cls().to_dict())
+    for k in overrides:
+        if k not in known:
+            raise UserError(f"`--model-overrides`: {cls.__name__} has no field `{k}`"
+                            f"{closest(k, known)}")
 
 
 def is_moe(kw: dict) -> bool:

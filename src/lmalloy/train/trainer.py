@@ -20,16 +20,15 @@ beside the raw model), `save(trainer, folder)`, `state_dict()`, `load_state_dict
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
-import re
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +36,9 @@ import torch
 import torch.nn as nn
 
 from lmalloy.errors import UserError
+from lmalloy.io.runs import METRICS_FILE, STATE_FILE, checkpoint_dir, list_checkpoints
 from lmalloy.io.writer import atomic_output, copy_aux_files, write_state_dict
-
-CKPT_RE = re.compile(r"^step-(\d{6,})$")
-STATE_FILE = "trainer_state.pt"
-
+from lmalloy.train.dist import Dist
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -115,75 +112,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
-    d = run / "checkpoints"
-    if not d.is_dir():
-        return []
-    out = []
-    for p in d.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-# ----------------------------------------------------------------------------- dist
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def init(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-            return cls(device=dev)
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-            dev = torch.device("cuda", local)
-            backend = "nccl"
-        else:
-            dev = torch.device("cpu")
-            backend = "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend)
-        return cls(dist.get_rank(), dist.get_world_size(), local, dev)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def all_mean(self, x: float) -> float:
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-
-        t = torch.tensor([x], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t) / self.world
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -319,7 +247,7 @@ class Trainer:
 
     # -- eval
     def evaluate(self) -> dict:
-        from lmalloy.eval.perplexity import evaluate
+        from lmalloy.train.heldout import evaluate
 
         spans = {n: tuple(d["val"]) for n, d in self.data.meta["domains"].items()}
         if not any(b > a for a, b in spans.values()):
@@ -341,7 +269,7 @@ class Trainer:
     def save_checkpoint(self, step: int, final: bool = False) -> Path:
         state = self.full_state_dict()
         opt_state = self._optim_state()
-        target = self.out / "checkpoints" / f"step-{step:06d}"
+        target = checkpoint_dir(self.out, step)
         if self.dist.main:
             with atomic_output(target, overwrite=True) as tmp:
                 self.write_hf(tmp, state)
@@ -410,11 +338,11 @@ class Trainer:
         if not self.dist.main:
             return
         self.history.append(record)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        p = self.out / "metrics.jsonl"
+        p = self.out / METRICS_FILE
         if not (self.dist.main and p.is_file()):
             return
         keep = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -435,100 +363,129 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                        file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-        tokens_per_step = cfg.global_batch_tokens
-        t_last, s_last = time.perf_counter(), self.step
-        loss_acc = 0.0
-        n_acc = 0
+        self._window = _LogWindow(time.perf_counter(), self.step)
         last_eval: dict = {}
         self.wrapped.train()
         while self.step < self.total_steps:
-            step_loss = self.train_step(self.step)
+            self._window.add(self.train_step(self.step))
             self.step += 1
-            loss_acc += step_loss
-            n_acc += 1
             for cb in self.callbacks:
                 if hasattr(cb, "on_step_end"):
                     cb.on_step_end(self, self.step)
             done = self.step == self.total_steps
             if self.step % cfg.log_every == 0 or done:
-                dt = time.perf_counter() - t_last
-                tps = (self.step - s_last) * tokens_per_step / max(dt, 1e-9)
-                rec = {"step": self.step, "tokens": self.step * tokens_per_step,
-                       "epoch": self.step * self.batch_seqs / self.sampler.num_chunks,
-                       "loss": loss_acc / n_acc, "lr": self.sched.get_last_lr()[0],
-                       "tokens_per_s": tps, "mfu": tps * self.flops_tok / self.peak}
-                if self.moe_acc:  # mean balance loss and (L, E) expert load since last log
-                    rec["aux_loss"] = sum(a for a, _ in self.moe_acc) / len(self.moe_acc)
-                    rec["expert_load"] = (sum(x for _, x in self.moe_acc) /
-                                          len(self.moe_acc)).tolist()
-                    self.moe_acc = []
-                self.log(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
-                                    mfu=f"{100 * rec['mfu']:.1f}%")
-                loss_acc, n_acc = 0.0, 0
-                t_last, s_last = time.perf_counter(), self.step
+                self._log_train(bar)
             if self.step % cfg.eval_every == 0 or done:
-                t0 = time.perf_counter()
-                last_eval = self.evaluate()
-                if last_eval:
-                    self.log({"step": self.step, "tokens": self.step * tokens_per_step,
-                              "epoch": self.step * self.batch_seqs / self.sampler.num_chunks,
-                              "eval": last_eval})
-                t_last += time.perf_counter() - t0
+                with self._window.paused():
+                    last_eval = self.evaluate()
+                    if last_eval:
+                        self.log({**self._position(), "eval": last_eval})
             if self.step % save_every == 0 or done:
-                t0 = time.perf_counter()
-                self.save_checkpoint(self.step)
-                t_last += time.perf_counter() - t0
+                with self._window.paused():
+                    self.save_checkpoint(self.step)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         return last_eval
 
-    def train_step(self, step: int) -> float:
-        cfg = self.cfg
-        ac = cfg.precision == "bf16"
+    def _position(self) -> dict:
+        return {"step": self.step, "tokens": self.step * self.cfg.global_batch_tokens,
+                "epoch": self.step * self.batch_seqs / self.sampler.num_chunks}
+
+    def _log_train(self, bar) -> None:
+        """One training record: the only host sync and all-reduce of the logged values."""
+        w = self._window
+        dt = time.perf_counter() - w.t0
+        tps = (self.step - w.step0) * self.cfg.global_batch_tokens / max(dt, 1e-9)
+        rec = {**self._position(), "loss": self.dist.all_mean(float(w.loss / w.n)),
+               "lr": self.sched.get_last_lr()[0], "tokens_per_s": tps,
+               "mfu": tps * self.flops_tok / self.peak}
+        if self.moe_acc:  # mean balance loss and (L, E) expert load since the last log
+            rec["aux_loss"] = float(torch.stack([a for a, _ in self.moe_acc]).mean())
+            rec["expert_load"] = torch.stack([x for _, x in self.moe_acc]).mean(0).tolist()
+            self.moe_acc = []
+        self.log(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                            mfu=f"{100 * rec['mfu']:.1f}%")
+        self._window = _LogWindow(time.perf_counter(), self.step)
+
+    def _forward_loss(self, x, y):
+        """(LM loss, objective) of one micro-batch; the MoE balance loss joins the objective."""
+        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
+                            enabled=self.cfg.precision == "bf16"):
+            out = (self.wrapped(input_ids=x, output_router_logits=True) if self.moe
+                   else self.wrapped(input_ids=x))
+            logits = out.logits
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                           y.reshape(-1))
+        if not self.moe:
+            return loss, loss
+        from lmalloy.train.moe import router_aux
+
+        aux, load = router_aux(out.router_logits, self.moe, self.hf_config.num_experts_per_tok)
+        self.moe_acc.append((aux.detach(), load))
+        return loss, loss + self.hf_config.router_aux_loss_coef * aux
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step; returns its mean loss as a device tensor (no host sync but
+        the one finiteness check, which refuses to step on a NaN/Inf loss or gradient)."""
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.dist.device)
         for m, (x, y) in enumerate(self.micro_batches(step)):
             last = m == self.accum - 1
             ctx = (self.wrapped.no_sync() if self.dist.world > 1 and not last and
-                   hasattr(self.wrapped, "no_sync") else _null())
+                   hasattr(self.wrapped, "no_sync") else contextlib.nullcontext())
             if self.fsdp:
                 self.wrapped.set_requires_gradient_sync(last)
             with ctx:
-                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=ac):
-                    if self.moe:
-                        out = self.wrapped(input_ids=x, output_router_logits=True)
-                    else:
-                        out = self.wrapped(input_ids=x)
-                    logits = out.logits
-                loss = nn.functional.cross_entropy(
-                    logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-                objective = loss
-                if self.moe:
-                    from lmalloy.moe.train import router_aux
-
-                    aux, load = router_aux(out.router_logits, self.moe,
-                                           self.hf_config.num_experts_per_tok)
-                    objective = loss + self.hf_config.router_aux_loss_coef * aux
-                    self.moe_acc.append((float(aux.detach()), load.cpu()))
+                loss, objective = self._forward_loss(x, y)
                 (objective / self.accum).backward()
-            total += float(loss.detach())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            total += loss.detach()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._check_finite(step, total, gnorm)
         self.opt.step()
         self.sched.step()
-        return self.dist.all_mean(total / self.accum)
+        return total / self.accum
+
+    def _check_finite(self, step: int, loss: torch.Tensor, gnorm) -> None:
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
+        bad = (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float().reshape(1)
+        if self.dist.world > 1:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+        if bool(bad):
+            last = list_checkpoints(self.out)
+            kept = f"; the last good checkpoint, {last[-1][1]}, is kept" if last else ""
+            raise UserError(f"step {step + 1}: the loss ({float(loss) / self.accum:.4g}) or "
+                            f"gradient norm ({float(gnorm):.4g}) is not finite; stopped "
+                            f"before the optimizer step{kept} (lower --lr, or check the "
+                            "data and the initial weights)")
 
 
-class _null:
-    def __enter__(self):
-        return self
+@dataclass
+class _LogWindow:
+    """The steps since the last training log: summed loss (a device tensor) and timing."""
 
-    def __exit__(self, *a):
-        return False
+    t0: float
+    step0: int
+    loss: float | torch.Tensor = 0.0
+    n: int = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss = loss if self.n == 0 else self.loss + loss
+        self.n += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpoint time do not count in tokens/s."""
+        t = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - t
 
 
 class swapped_weights:

@@ -1,0 +1,242 @@
+"""The streaming weighted average of HF model folders: the one core behind `average`,
+`merge linear / soup / greedy_soup`, `reward warm` and the in-memory WARM of `reward eval`.
+
+    out = (Σᵢ wᵢ·xᵢ) / divisor        (mode "sum", accumulated left to right in fp32)
+    out = lerp(… lerp(x₁, x₂, 1−d) …, x_n, 1−d)   (mode "ema", decay d, oldest first)
+
+Per tensor, the inputs are read chunk by chunk (1M entries: a few MB, near cache) with
+positioned reads, accumulated into one fp32 chunk, checked for NaN/Inf, cast to the output
+dtype and handed to a sink (`ShardedWriter`, or `StateSink` for an in-memory state dict)
+in consecutive parts. Peak memory is a few chunk buffers, whatever the tensor or model
+size, and the inputs' pages are not kept mapped. A non-finite accumulator names the input
+and tensor that brought the NaN/Inf (or says the sum overflowed) before anything is
+published.
+
+Vocabulary matrices may differ in rows between inputs (padding): the output has the
+reference's rows; an input with more rows contributes only the first ones, an input with
+fewer contributes the reference's rows beyond its own (no change there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmalloy.errors import UserError
+from lmalloy.io.dtypes import is_float, name_to_st, torch_dtype
+
+CHUNK = 1 << 20  # entries per chunk: 4 MB of fp32 accumulator
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How the inputs combine: weights (mode sum) or an EMA decay (mode ema)."""
+
+    weights: tuple[float, ...]
+    divisor: float = 1.0
+    mode: str = "sum"  # "sum" | "ema"
+    decay: float = 0.0
+
+    @classmethod
+    def uniform(cls, n: int) -> Combination:
+        """(x₁ + … + x_n) / n, as a hand-written fp32 mean computes it."""
+        return cls((1.0,) * n, float(n))
+
+    @classmethod
+    def normalized(cls, weights: Sequence[float]) -> Combination:
+        """Σ (wᵢ / Σw)·xᵢ."""
+        s = float(sum(weights))
+        if abs(s) < 1e-12:
+            raise UserError("the weights sum to 0; they cannot be normalised")
+        return cls(tuple(float(w) / s for w in weights))
+
+    @classmethod
+    def ema(cls, n: int, decay: float) -> Combination:
+        return cls((1.0,) * n, 1.0, "ema", float(decay))
+
+
+class StateSink:
+    """A sink that assembles the averaged tensors in memory: `state[name] -> tensor`."""
+
+    def __init__(self):
+        self.state: dict = {}
+        self._cur = None
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        import torch
+
+        self._cur = (name, torch.empty(math.prod(shape), dtype=torch_dtype(dtype)), shape, 0)
+
+    def part(self, t) -> None:
+        name, buf, shape, pos = self._cur
+        n = t.numel()
+        buf[pos : pos + n].copy_(t.reshape(-1))
+        self._cur = (name, buf, shape, pos + n)
+
+    def end(self) -> None:
+        name, buf, shape, _ = self._cur
+        self.state[name] = buf.view(shape)
+        self._cur = None
+
+
+def plan(ref, names: Sequence[str] | None = None, out_dtype: str | None = None
+         ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of each output tensor, in the reference's order;
+    floating tensors in `out_dtype` (a dtype name) when given, else their own dtype."""
+    out = []
+    for name in names if names is not None else list(ref.tensors):
+        t = ref.tensors[name]
+        st = name_to_st(out_dtype) if out_dtype and is_float(t.dtype) else t.dtype
+        out.append((name, st, t.shape))
+    return out
+
+
+class _Buffers:
+    """Chunk buffers reused across tensors, one per dtype (no fresh pages per chunk)."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+        self._bufs: dict = {}
+
+    def get(self, key: str, dtype):
+        import torch
+
+        b = self._bufs.get((key, dtype))
+        if b is None:
+            b = self._bufs[(key, dtype)] = torch.empty(self.chunk, dtype=dtype)
+        return b
+
+
+def _read(folder, ref, name: str, a: int, b: int, buf):
+    """Entries [a, b) of `name` in `folder`, the reference's entries beyond its own rows."""
+    import torch
+
+    n = folder.tensors[name].numel
+    if b <= n:
+        return folder.read_range(name, a, b, buf)
+    if a >= n:
+        return ref.read_range(name, a, b, buf).to(buf.dtype)
+    head = folder.read_range(name, a, n, buf)
+    tail = ref.read_range(name, n, b).to(buf.dtype)
+    return torch.cat([head, tail])
+
+
+def _nonfinite(inputs, ref, name: str, a: int, b: int) -> UserError:
+    """The error for a non-finite accumulator: the input that holds NaN/Inf, if any."""
+    import torch
+
+    for f in inputs:
+        x = _read(f, ref, name, a, b, None)
+        if not bool(torch.isfinite(x).all()):
+            return UserError(f"{f.path}: tensor `{name}` contains NaN or Inf")
+    return UserError(f"the weighted average of tensor `{name}` overflows (non-finite "
+                     "result from finite inputs; check the weights)")
+
+
+def _average_tensor(inputs, ref, combo: Combination, name: str, st: str, sink,
+                    bufs: _Buffers) -> None:
+    import torch
+
+    numel = ref.tensors[name].numel
+    shape = ref.tensors[name].shape
+    sink.begin(name, st, shape)
+    out_t = torch_dtype(st)
+    acc_full = bufs.get("acc", torch.float32)
+    for a in range(0, numel, bufs.chunk):
+        b = min(numel, a + bufs.chunk)
+        acc = acc_full[: b - a]
+        for i, (f, w) in enumerate(zip(inputs, combo.weights, strict=True)):
+            x = _read(f, ref, name, a, b, bufs.get("in", torch_dtype(f.tensors[name].dtype)))
+            if i == 0:
+                acc.copy_(x)
+                if w != 1.0:
+                    acc.mul_(w)
+            elif combo.mode == "ema":
+                acc.lerp_(x if x.dtype == torch.float32 else x.float(), 1.0 - combo.decay)
+            elif x.dtype == torch.float32:
+                acc.add_(x, alpha=w)
+            else:  # cast into a buffer, then an fp32 add: faster than a mixed-dtype add_
+                tmp = bufs.get("cast", torch.float32)[: b - a]
+                tmp.copy_(x)
+                acc.add_(tmp, alpha=w)
+        if combo.divisor != 1.0:
+            acc.div_(combo.divisor)
+        # a NaN/Inf entry makes the sum non-finite: one cheap pass, confirmed entry-wise
+        if not (bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(acc).all())):
+            raise _nonfinite(inputs, ref, name, a, b)
+        if out_t == torch.float32:
+            sink.part(acc)
+        else:
+            out = bufs.get("out", out_t)[: b - a]
+            out.copy_(acc)
+            sink.part(out)
+    sink.end()
+
+
+def weighted_average(inputs: Sequence, combo, sink, entries, ref=None,
+                     progress: Callable[[int], None] | None = None) -> None:
+    """Average `inputs` (opened ModelFolders) tensor by tensor into `sink`.
+
+    combo: a `Combination`, or a function of the tensor name returning one (weights that
+    vary by layer or filter). entries: (name, safetensors dtype, shape) in output order
+    (see `plan`); non-floating tensors are copied from `ref` (default: the last input, the
+    newest checkpoint). `progress(bytes_read)` is called after each tensor.
+    """
+    ref = ref if ref is not None else inputs[-1]
+    bufs = _Buffers(CHUNK)
+    for name, st, _shape in entries:
+        if is_float(ref.tensors[name].dtype):
+            c = combo(name) if callable(combo) else combo
+            if len(c.weights) != len(inputs):
+                raise ValueError(f"{len(c.weights)} weights for {len(inputs)} inputs")
+            _average_tensor(inputs, ref, c, name, st, sink, bufs)
+        else:  # integer/bool buffers: the reference's
+            t = ref.read_range(name, 0, ref.tensors[name].numel)
+            sink.begin(name, st, ref.tensors[name].shape)
+            sink.part(t)
+            sink.end()
+        if progress is not None:
+            progress(sum(f.tensors[name].nbytes for f in inputs))
+
+
+def average_state(inputs: Sequence, combo, ref=None) -> dict:
+    """The weighted average as an in-memory state dict (models that fit in memory)."""
+    ref = ref if ref is not None else inputs[-1]
+    sink = StateSink()
+    weighted_average(inputs, combo, sink, plan(ref), ref)
+    return sink.state
+
+
+def write_average(inputs: Sequence, combo, output: str | Path, *, ref=None,
+                  out_dtype: str | None = None, overwrite: bool = False,
+                  aux_from: Path | None = None, extra: Callable[[Path], None] | None = None,
+                  metadata: dict | None = None, max_shard_bytes: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> int:
+    """Write the weighted average as an HF folder at `output`, atomically.
+
+    The config and tokenizer files come from `ref` (default: the last input) or
+    `aux_from`; `extra(tmp)` writes more files into the folder before it is published.
+    Returns the bytes of weights written.
+    """
+    from lmalloy.io.dtypes import SIZES, majority_float
+    from lmalloy.io.writer import (
+        DEFAULT_SHARD_BYTES,
+        ShardedWriter,
+        atomic_output,
+        copy_aux_files,
+        write_config,
+    )
+
+    ref = ref if ref is not None else inputs[-1]
+    entries = plan(ref, out_dtype=out_dtype)
+    with atomic_output(output, overwrite) as tmp:
+        with ShardedWriter(tmp, entries, max_shard_bytes or DEFAULT_SHARD_BYTES,
+                           metadata=metadata) as w:
+            weighted_average(inputs, combo, w, entries, ref, progress)
+        write_config(tmp, ref.config, majority_float(st for _, st, _ in entries))
+        copy_aux_files(aux_from or ref.path, tmp)
+        if extra is not None:
+            extra(tmp)
+    return sum(SIZES[st] * math.prod(shape) for _, st, shape in entries)

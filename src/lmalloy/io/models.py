@@ -1,0 +1,93 @@
+"""Loading a model folder into transformers, after lmalloy's own checks.
+
+Every command that runs a model loads it here: the folder is opened from its headers
+first (pickle refused unless allowed, truncation detected), the architecture is checked
+against what the command needs, and transformers' load report is read: a tensor that
+the folder lacks (which transformers would initialise at random) is an error naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmalloy.errors import UserError
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def quiet_transformers() -> None:
+    """No load reports or progress bars from transformers (lmalloy reports what matters)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def is_causal_lm(config: dict) -> bool:
+    archs = config.get("architectures") or []
+    return not archs or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
+
+
+def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (), **kw):
+    """`cls.from_pretrained` with a one-line error and missing weights refused."""
+    quiet_transformers()
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{path}: transformers cannot load it as {what} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in info.get("missing_keys", ())
+               if not any(k.startswith(a) for a in allow_missing)]
+    if missing:
+        raise UserError(f"{path}: the folder lacks {len(missing)} weight(s) the "
+                        f"architecture needs (e.g. `{sorted(missing)[0]}`); refusing to run "
+                        "on randomly initialised tensors")
+    model.eval()
+    return model
+
+
+def load_causal_lm(path: str | Path, allow_pickle: bool = False, dtype: str = "float32"):
+    """AutoModelForCausalLM from a local folder; the folder is checked first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmalloy.io.folder import open_model
+
+    m = open_model(path, allow_pickle=allow_pickle)
+    if not is_causal_lm(m.config):
+        raise UserError(f"{path}: {m.architecture} is not a causal language model")
+    kw = {"state_dict": m.pickle_state} if m.pickle_state is not None else {}
+    return _load(AutoModelForCausalLM, path, "a causal LM", dtype=getattr(torch, dtype), **kw)
+
+
+def load_sequence_classifier(path: str | Path, dtype: str = "float32", config=None,
+                             allow_missing: tuple[str, ...] = ()):
+    """AutoModelForSequenceClassification from a local folder (reward models).
+
+    `allow_missing` names weights that may be absent (a new `score` head built from a
+    causal LM's body)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    kw = {"config": config} if config is not None else {}
+    return _load(AutoModelForSequenceClassification, path, "a sequence classifier",
+                 allow_missing, dtype=getattr(torch, dtype), **kw)
+
+
+def load_weights(model, state: dict) -> None:
+    """Copy a folder's state dict into a loaded model (`load_state_dict`), refusing missing
+    or unexpected tensors; a tied LM head may be absent (it is the embedding)."""
+    import torch
+
+    with torch.no_grad():
+        res = model.load_state_dict(state, strict=False)
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = {n for n, p in model.named_parameters()
+                if p is model.get_input_embeddings().weight}
+        tied |= {k for k in model.state_dict() if k.endswith("lm_head.weight")}
+    missing = [k for k in res.missing_keys if k not in tied]
+    if missing or res.unexpected_keys:
+        what = (f"lacks `{sorted(missing)[0]}`" if missing else
+                f"has an unexpected tensor `{sorted(res.unexpected_keys)[0]}`")
+        raise UserError(f"the weights do not fit the model: the state {what}")

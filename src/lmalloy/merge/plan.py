@@ -1,0 +1,203 @@
+"""Planning a merge: every check before the first tensor byte is read.
+
+`plan(cfg)` opens every input lazily (headers only) and checks: one architecture, the same
+tensor names and shapes (all mismatches listed), the vocabulary rule below, every
+parameter of every tensor valid for the method (gradients and filters evaluated per
+tensor), a base where the method needs one, the output folder. The result, a `Plan`,
+holds per tensor its output dtype and resolved parameters; `lmalloy.merge.engine` then
+streams it.
+
+Vocabulary rule: embedding and LM-head matrices (`embed_tokens`, `lm_head`) may differ in
+their number of rows when the extra rows are padding, i.e. beyond the tokenizer's vocabulary
+(same tokenizer.json in every input). The output has the reference model's rows (the base,
+else the first model); a model with fewer rows contributes the reference's rows there (no
+change), a model with more has its padding rows dropped. Different tokenizers are an error
+unless `tokenizer_source` names where the output's tokenizer comes from; rows are then
+merged by id.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmalloy.errors import UserError, closest
+from lmalloy.merge.config import MergeConfig
+
+VOCAB_RE = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out)")
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # output safetensors dtype
+    params: list[dict]
+    glob: dict
+    nbytes_in: int
+    merge: bool = True  # False: copy the reference tensor (non-float)
+
+
+@dataclass
+class Plan:
+    cfg: MergeConfig
+    models: list  # ModelFolder of the fine-tunes
+    base: Any  # ModelFolder | None
+    ref: Any  # config/shape reference
+    tensors: list[TensorPlan]
+    out_dtype: str  # torch dtype name
+    tokenizer_from: Path
+    output: Path
+    notes: list[str] = field(default_factory=list)  # lines for merge_config.yaml
+    files: dict[str, str] = field(default_factory=dict)  # more files for the output folder
+
+    @property
+    def inputs(self) -> list:
+        return ([self.base] if self.base is not None else []) + self.models
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.nbytes_in for t in self.tensors)
+
+    @property
+    def bytes_out(self) -> int:
+        from lmalloy.io.dtypes import SIZES
+
+        return sum(SIZES[t.dtype] * math.prod(t.shape) for t in self.tensors)
+
+
+def _check_architectures(folders) -> None:
+    archs = {(f.architecture, f.model_type) for f in folders}
+    if len(archs) > 1:
+        desc = "; ".join(f"{f.path}: {f.architecture} ({f.model_type})" for f in folders)
+        raise UserError(f"the models have different architectures: {desc}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "num_local_experts"):
+        vals = {f.config.get(key) for f in folders}
+        if len(vals) > 1:
+            desc = ", ".join(f"{f.path}: {f.config.get(key)}" for f in folders)
+            raise UserError(f"the models differ in `{key}` ({desc}); they are not fine-tunes "
+                            f"of one architecture")
+
+
+def _open_inputs(cfg: MergeConfig, method) -> tuple[dict, Any, list, list]:
+    """(every folder by resolved path, base, model entries besides the base, their folders)."""
+    from lmalloy.io.folder import open_model
+
+    base_path = cfg.base_model
+    if method.needs_base and base_path is None:
+        raise UserError(f"`{cfg.method}` needs a base model: set `base_model` (--base-model)")
+    seen = {}
+    for p in [m.model for m in cfg.models] + ([base_path] if base_path else []):
+        key = str(Path(p).resolve())
+        if key not in seen:
+            seen[key] = open_model(p, allow_pickle=cfg.allow_pickle)
+    base = seen[str(Path(base_path).resolve())] if base_path else None
+    # fine-tunes: the listed models, minus the base where the method treats it specially
+    entries = [m for m in cfg.models
+               if not (method.needs_base and base_path
+                       and Path(m.model).resolve() == Path(base_path).resolve())]
+    _check_model_count(cfg, method, entries, base)
+    return seen, base, entries, [seen[str(Path(m.model).resolve())] for m in entries]
+
+
+def _check_model_count(cfg: MergeConfig, method, entries: list, base) -> None:
+    lo, hi = method.n_models
+    if cfg.method == "slerp" and len(entries) != 1:
+        raise UserError(f"slerp interpolates exactly two models (the base and one other); got "
+                        f"{len(entries) + (1 if base else 0)}: base {cfg.base_model} and "
+                        f"{len(entries)} other(s)")
+    if len(entries) < lo or (hi is not None and len(entries) > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else \
+            f"{lo} to {hi}"
+        raise UserError(f"`{cfg.method}` takes {want} model(s)"
+                        f"{' besides the base' if method.needs_base else ''}, got {len(entries)}")
+
+
+def _check_vocabulary(cfg: MergeConfig, ref, folders) -> Path:
+    """Tokenizer and padded-row checks; returns the folder the output's tokenizer comes from."""
+    from lmalloy.io.folder import compare_tensors
+    from lmalloy.io.tokenizer_files import tokenizer_digest, tokenizer_vocab_size
+
+    digests = {tokenizer_digest(f.path) for f in folders} - {None}
+    if len(digests) > 1 and cfg.tokenizer_source is None:
+        raise UserError("the models' tokenizers differ (tokenizer.json); set "
+                        "`tokenizer_source: base` (or a model folder) to merge embedding rows "
+                        "by id with that tokenizer")
+    tok_vocab = [v for v in (tokenizer_vocab_size(f.path) for f in folders) if v is not None]
+    padded = compare_tensors(ref, folders, rows_may_differ=lambda n: bool(VOCAB_RE.search(n)))
+    for n in padded:
+        rows = min(f.tensors[n].shape[0] for f in folders)
+        if tok_vocab and max(tok_vocab) > rows and cfg.tokenizer_source is None:
+            raise UserError(f"`{n}` has {rows} rows in one model but the tokenizer has "
+                            f"{max(tok_vocab)} tokens: the vocabularies really differ")
+    if cfg.tokenizer_source in (None, "base"):
+        return ref.path
+    tok_from = Path(cfg.tokenizer_source)
+    if not tok_from.is_dir():
+        raise UserError(f"`tokenizer_source` {tok_from} is not a folder")
+    return tok_from
+
+
+def _check_param_names(cfg: MergeConfig, method) -> None:
+    known = {p.name for p in method.model_params} | {p.name for p in method.global_params}
+    for where, params in [("", cfg.parameters)] + [(f" of {m.model}", m.parameters)
+                                                   for m in cfg.models]:
+        for k in params:
+            if k not in known:
+                raise UserError(f"`{cfg.method}` has no parameter `{k}`{where}"
+                                f"{closest(k, known)}; its parameters: "
+                                f"{', '.join(sorted(known)) or 'none'}")
+
+
+def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: str
+                  ) -> list[TensorPlan]:
+    """Per tensor: output dtype and every parameter resolved (and range-checked)."""
+    from lmalloy.io.dtypes import is_float
+    from lmalloy.merge.params import layer_t, resolve
+
+    num_layers = int(ref.config.get("num_hidden_layers") or 1)
+    tensors = []
+    for name, info in ref.tensors.items():
+        t = layer_t(name, num_layers)
+        params = [{s.name: resolve(s, [m.parameters, cfg.parameters], name, t,
+                                   f" of {m.model}") for s in method.model_params}
+                  for m in entries]
+        glob = {s.name: resolve(s, [cfg.parameters], name, t, "") for s in method.global_params}
+        if method.weights is not None:  # e.g. weights that sum to 0 under normalize
+            try:
+                method.weights(params, glob)
+            except UserError as e:
+                raise UserError(f"{e} (tensor `{name}`)") from None
+        n_in = sum(f.tensors[name].nbytes for f in ([base] if base else []) + models)
+        tensors.append(TensorPlan(name, info.shape, out_st if is_float(info.dtype)
+                                  else info.dtype, params, glob, n_in,
+                                  merge=is_float(info.dtype)))
+    if cfg.ties_trim == "model" and cfg.method in ("ties", "dare_ties"):
+        for i in range(len(entries)):
+            if len({tp.params[i]["density"] for tp in tensors}) > 1:
+                raise UserError("`ties_trim: model` needs one density per model (no gradients "
+                                "or filters)")
+    return tensors
+
+
+def plan(cfg: MergeConfig) -> Plan:
+    """Every check of a merge, in the order a user would fix them; no tensor data read."""
+    from lmalloy.io.dtypes import majority_float, name_to_st
+    from lmalloy.io.writer import check_output
+    from lmalloy.merge.methods import METHODS
+
+    method = METHODS[cfg.method]
+    seen, base, entries, models = _open_inputs(cfg, method)
+    folders = list(seen.values())
+    ref = base or models[0]
+    _check_architectures(folders)
+    tok_from = _check_vocabulary(cfg, ref, folders)
+    out_dtype = cfg.dtype or majority_float(t.dtype for t in ref.tensors.values())
+    _check_param_names(cfg, method)
+    tensors = _tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype))
+    output = check_output(cfg.out, cfg.overwrite, [f.path for f in folders])
+    return Plan(cfg, models, base, ref, tensors, out_dtype, tok_from, output)

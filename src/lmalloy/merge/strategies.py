@@ -1,0 +1,201 @@
+"""How each tensor of a merge is computed, once the plan is made (`lmalloy.merge.plan`).
+
+- **weighted averages** (linear, soup, greedy soup) are not here: they stream through
+  `lmalloy.average.weighted`, chunk by chunk, the same code as `lmalloy average`;
+- **chunked TIES** (`ties_chunked`): TIES without L1 rescale is elementwise once each
+  model's magnitude threshold for the tensor is known, so it runs on 1M-entry chunks of
+  inputs kept in their own dtype (peak memory about one fp32 tensor);
+- **generic** (`merge_tensor`): the method's pure function on whole fp32 tensors.
+
+Inputs are read whole here (`read_input`), their rows aligned with the reference for
+padded vocabularies. A NaN/Inf is named by input and tensor: for methods where any
+non-finite input reaches the output only the output is checked (then the inputs, to name
+the culprit); sparsifying methods could drop it, so their inputs are checked first.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+from lmalloy.errors import UserError
+from lmalloy.merge.plan import Plan, TensorPlan
+
+CHUNK = 1 << 20
+SPARSIFYING = ("ties", "dare_ties", "dare_linear")  # a NaN input may be trimmed away
+
+
+def read_input(folder, tp: TensorPlan, ref_t, dtype=None):
+    """One input tensor (in `dtype` if given), rows aligned to the reference (padding)."""
+    import torch
+
+    x = folder.read(tp.name)
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if tuple(x.shape) != tp.shape:  # vocabulary padding: align rows with the reference
+        rows = tp.shape[0]
+        x = x[:rows] if x.shape[0] > rows else torch.cat([x, ref_t[x.shape[0]:].to(x.dtype)])
+    return x
+
+
+def finite(t) -> bool:
+    """A sum is non-finite if any entry is (one cheap pass); confirmed entry-wise."""
+    import torch
+
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def name_nonfinite(p: Plan, name: str, what: str) -> UserError:
+    """The error for a non-finite result: the input that holds NaN/Inf, if any."""
+    from lmalloy.io.folder import check_finite
+
+    for f in p.inputs:
+        check_finite(name, f.read(name), f.path)
+    return UserError(f"merging `{name}` produced NaN or Inf ({what})")
+
+
+def load_inputs(p: Plan, tp: TensorPlan, keep_dtype: bool, compute):
+    """(fine-tunes' tensors, base tensor or None) for one tensor plan."""
+    if not tp.merge:
+        return None, None
+    ref_t = p.ref.read(tp.name)
+    b = None
+    if p.base is not None:
+        b = ref_t if keep_dtype else ref_t.to(compute)
+    xs = [read_input(m, tp, ref_t, None if keep_dtype else compute) for m in p.models]
+    return xs, b
+
+
+def thresholds_for(tp: TensorPlan, flat, bflat, compute) -> list[float]:
+    """Per model, the magnitude of its τ's k-th largest entry (k = density·n) for a tensor."""
+    from lmalloy.merge.methods import kth_largest
+
+    n = bflat.numel()
+    thr = []
+    b32 = bflat.to(compute)
+    for x, q in zip(flat, tp.params, strict=True):
+        dens = float(q["density"])
+        if dens >= 1:
+            thr.append(0.0)  # keeps every entry
+        elif dens <= 0:
+            thr.append(math.inf)
+        else:
+            a = (x.to(compute) - b32).abs_()  # never in place: x may be the input
+            thr.append(float(kth_largest(a, max(1, int(dens * n)))))
+    return thr
+
+
+def ties_chunked(fn, tp: TensorPlan, xs, base, ctx, compute, out_dtype,
+                 pool: ThreadPoolExecutor):
+    """Each model's threshold on its whole τ (or the whole-model ones in `ctx`), then the
+    method on 1M-entry chunks with those thresholds: the same result, far less memory."""
+    import torch
+
+    from lmalloy.merge.methods import TensorCtx
+
+    n = math.prod(tp.shape)
+    flat = [x.reshape(-1) for x in xs]
+    bflat = base.reshape(-1)
+    thr = ctx.thresholds if ctx.thresholds is not None else thresholds_for(tp, flat, bflat,
+                                                                          compute)
+    cctx = TensorCtx(ctx.name, ctx.seed, tuple(thr))
+    out = torch.empty(n, dtype=out_dtype)
+
+    def part(a: int) -> None:
+        b = min(n, a + CHUNK)
+        out[a:b] = fn([x[a:b].to(compute) for x in flat], bflat[a:b].to(compute),
+                      tp.params, tp.glob, cctx)
+
+    # chunks are independent: `--threads` workers share them (torch releases the GIL)
+    list(pool.map(part, range(0, n, CHUNK)))
+    return out.view(tp.shape)
+
+
+def merge_tensor(p: Plan, tp: TensorPlan, xs, b, *, fn, compute, out_dtype, thresholds,
+                 chunked: bool, pool):
+    """One output tensor of a non-averaging method, NaN/Inf named by input."""
+    import torch
+
+    from lmalloy.io.folder import check_finite
+    from lmalloy.merge.methods import TensorCtx
+
+    if not tp.merge:
+        return p.ref.read(tp.name)
+    if p.cfg.method in SPARSIFYING:
+        for f, x in zip(p.models + ([p.base] if b is not None else []),
+                        xs + ([b] if b is not None else []), strict=True):
+            if not finite(x):
+                check_finite(tp.name, x, f.path)
+    ctx = TensorCtx(tp.name, p.cfg.seed, thresholds)
+    with torch.no_grad():
+        if chunked:
+            out = ties_chunked(fn, tp, xs, b, ctx, compute, out_dtype, pool)
+        else:
+            out = fn(xs, b, tp.params, tp.glob, ctx)
+    if out.is_floating_point() and not finite(out):
+        raise name_nonfinite(p, tp.name, "check the parameters")
+    return out.to(out_dtype)
+
+
+def whole_model_thresholds(p: Plan, densities: list[float], compute) -> tuple[float, ...]:
+    """Per model, the magnitude above which `density` of its whole task vector lies.
+
+    Two streaming passes: a log2 histogram of |τ| (65,536 bins), then the values in the
+    boundary bins, whose exact k-th largest is the threshold. Never holds the model.
+    """
+    import torch
+
+    lo, hi, bins = -160.0, 160.0, 1 << 16
+    n = len(p.models)
+    hists = [torch.zeros(bins, dtype=torch.float64) for _ in range(n)]
+    total = 0
+    for i, a in _abs_deltas(p, compute):
+        if i == 0:
+            total += a.numel()
+        hists[i] += torch.histc(torch.log2(a[a > 0].double()), bins, lo, hi).double()
+    ks = [max(1, int(d * total)) if d < 1 else None for d in densities]
+    windows = [_window(hists[i], ks[i], lo, hi, bins) for i in range(n)]
+    above = [0] * n
+    vals: list[list] = [[] for _ in range(n)]
+    for i, a in _abs_deltas(p, compute):
+        if windows[i] is None or windows[i][1] == 0:
+            continue
+        w0, w1 = windows[i]
+        above[i] += int((a > w1).sum())
+        vals[i].append(a[(a >= w0) & (a <= w1)])
+    out = []
+    for i in range(n):
+        if windows[i] is None or windows[i][1] == 0:
+            out.append(0.0)
+            continue
+        v = torch.cat(vals[i]) if vals[i] else torch.zeros(0)
+        r = ks[i] - above[i]  # rank of the threshold inside the window, from the top
+        if r <= 0 or r > v.numel():
+            raise RuntimeError("whole-model trim: threshold search failed")
+        out.append(float(torch.kthvalue(v, v.numel() - r + 1).values))
+    return tuple(out)
+
+
+def _abs_deltas(p: Plan, compute):
+    """(model index, |τ| flattened) for every floating tensor, one at a time."""
+    for tp in p.tensors:
+        if not tp.merge:
+            continue
+        b = p.base.read(tp.name).to(compute)
+        for i, m in enumerate(p.models):
+            yield i, (read_input(m, tp, b, compute) - b).abs().reshape(-1)
+
+
+def _window(hist, k: int | None, lo: float, hi: float, bins: int):
+    """The |τ| range of the histogram bins around the k-th largest value (None: keep all)."""
+    import torch
+
+    if k is None:
+        return None
+    from_top = hist.flip(0).cumsum(0)
+    hit = torch.nonzero(from_top >= k)
+    if len(hit) == 0:  # fewer nonzero entries than k: keep everything
+        return (0.0, 0.0)
+    width = (hi - lo) / bins
+    b = bins - 1 - int(hit[0])
+    return (2 ** (lo + (b - 1) * width), 2 ** (lo + (b + 2) * width))
