@@ -268,21 +268,28 @@ def test_analyze_cli(capsys, models, tmp_path):
                 ("def f(x):\n    return x + 1\n" if d == "alpha" else
                  "class A:\n    def g(self):\n        pass\n") * 30)
     out = tmp_path / "an"
-    upc = models["root"] / "up-per_expert"
-    if not upc.exists():
-        run_cli(capsys, "moe", "build", "--method", "upcycle", "--base-model", models["base"],
-                "--num-experts", "4", "--out", upc)
-    rc, stdout, err = run_cli(capsys, "moe", "analyze", models["root"] / "up-per_expert",
-                              "--data", data, "--split", "all", "--seq-len", "32",
-                              "--eval-tokens", "256", "--out", out, "--init",
-                              models["root"] / "up-per_expert")
+    moes = []
+    for seed in (0, 1):  # two upcycled MoEs whose random routers differ
+        moes.append(tmp_path / f"up{seed}")
+        rc, _, err = run_cli(capsys, "moe", "build", "--method", "upcycle", "--base-model",
+                             models["base"], "--num-experts", "4", "--seed", str(seed),
+                             "--out", moes[-1])
+        assert rc == 0, err
+    common = ["--data", data, "--split", "all", "--seq-len", "32", "--eval-tokens", "256"]
+    rc, stdout, err = run_cli(capsys, "moe", "analyze", moes[0], *common, "--out", out,
+                              "--init", moes[1])
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "moe", "analyze", moes[1], *common, "--out", tmp_path / "an1")
     assert rc == 0, err
     r = json.loads((out / "routing.json").read_text())
     assert r["experts"] == 4 and r["baseline_overlap"] == pytest.approx(1 - 1 / 6)
     assert set(r["domains"]) == {"alpha", "beta"}
     lay = r["domains"]["alpha"]["layers"][0]
     assert 0 <= lay["same_top1"] <= 1 and sum(lay["shares"]) == pytest.approx(1)
-    assert r["init_domains"]["alpha"]["layers"][0] == lay  # same model as its own init
+    # --init is analysed exactly as the model itself would be, and its routing differs
+    alone = json.loads((tmp_path / "an1" / "routing.json").read_text())
+    assert r["init_domains"] == alone["domains"]
+    assert r["init_domains"] != r["domains"]
     assert (out / "expert_shares.png").stat().st_size > 1000
     assert "<span" in (out / "tokens.html").read_text()
     assert "NonFF + 4·FF" in stdout and "random" in stdout

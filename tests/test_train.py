@@ -78,31 +78,64 @@ def test_lr_schedule_tinyllama_shape():
     assert f(55) == pytest.approx(0.55, abs=1e-6)
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tokenizer_dir, run6):
+@pytest.fixture(scope="module")
+def run24(tmp_path_factory, tokenizer_dir):
+    """A 24-step tiny run, checkpoints every 2 steps: long enough for a kill mid-run."""
+    from lmalloy.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "r24"
+    assert main(pretrain_args(out, tokenizer_dir, "--max-steps", "24", "--eval-every", "2")
+                ) == 0
+    return out
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tokenizer_dir, run24, monkeypatch):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = pretrain_args(out, tokenizer_dir, "--max-steps", "6", "--eval-every", "2")
+    args = pretrain_args(out, tokenizer_dir, "--max-steps", "24", "--eval-every", "2")
     p = subprocess.Popen([sys.executable, "-m", "lmalloy", *args], env=env,
                          stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "step-000004"
     deadline = time.time() + 120
     while not ckpt.is_dir() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert ckpt.is_dir(), "the run should have reached its step-4 checkpoint"
-    if (out / "final").exists():  # finished before the kill: make it resume from step 4
-        shutil.rmtree(out / "final")
-        shutil.rmtree(out / "checkpoints" / "step-000006", ignore_errors=True)
+    # the kill landed mid-run: no final model, and checkpoints stop short of the end
+    from lmalloy.io.runs import list_checkpoints
+
+    assert not (out / "final").exists()
+    assert list_checkpoints(out)[-1][0] < 24
     from lmalloy.cli import main
 
-    assert main([*args, "--resume"]) == 0
-    a, b = weights(out / "final"), weights(run6 / "final")
+    # the README's flow, literally: the saved run config, only `--resume` given (the path
+    # spelled differently: relative with a trailing slash)
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--out", "killed/", "--resume"]) == 0
+    a, b = weights(out / "final"), weights(run24 / "final")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps.count(6) == 2  # one train + one eval record
+    assert steps == sorted(steps) and steps.count(24) == 2  # one train + one eval record
+
+
+def test_resume_applies_only_the_flags_given(tmp_path, tokenizer_dir, run6, capsys):
+    from lmalloy.config import validate
+    from lmalloy.train.config import PretrainConfig
+    from lmalloy.train.run import resume_config
+
+    cfg = validate(PretrainConfig, {"out": str(run6), "resume": True, "progress": True})
+    new = resume_config(cfg, run6)
+    assert new.max_steps == 6 and new.preset == "tiny" and new.progress is True
+    assert new.tokenizer == str(tokenizer_dir)
+    # a flag given with the run's own value changes nothing; one that differs is refused
+    same = validate(PretrainConfig, {"out": str(run6), "resume": True, "lr": 3e-3})
+    assert resume_config(same, run6).lr == 3e-3
+    line = assert_user_error(capsys, "pretrain", "--out", run6, "--resume", "--epochs", "2",
+                             match="changed config")
+    assert "epochs" in line and "max_steps" not in line
 
 
 def test_run_folder_bad_inputs(capsys, tmp_path, tokenizer_dir, run6):

@@ -16,7 +16,7 @@ What is notable here:
 - the tokenizers must agree token for token (the first differing token is named);
   logit rows that exist only as head padding are cut to the common size;
 - scoring (log-likelihood of continuations, perplexity through
-  `lmalloy.eval.perplexity.evaluate(logits_fn=...)`, multiple-choice ranking) uses the
+  `lmalloy.train.heldout.evaluate(logits_fn=...)`, multiple-choice ranking) uses the
   same logit arithmetic on full sequences, so the effect is measured, not only sampled.
 """
 

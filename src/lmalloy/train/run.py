@@ -264,8 +264,8 @@ def _run(cfg, out: Path, resume_step, dist, tok_dir: Path | None, make_model) ->
 def pretrain(cfg) -> int:
     from lmalloy.train.dist import Dist
 
-    tok_dir = _check_pretrain(cfg)
     cfg, out, resume_step = check_run_folder(cfg)
+    tok_dir = _check_pretrain(cfg)
     dist = Dist.init()
     try:
         _run(cfg, out, resume_step, dist, tok_dir, lambda tok: _new_model(cfg, tok))
