@@ -28,8 +28,15 @@ def is_causal_lm(config: dict) -> bool:
     return not archs or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
 
 
+# buffers some checkpoints carry that transformers recomputes (never an error)
+_IGNORABLE = ("rotary_emb.inv_freq",)
+
+
 def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (), **kw):
-    """`cls.from_pretrained` with a one-line error and missing weights refused."""
+    """`cls.from_pretrained` with a one-line error; missing or unexpected weights and
+    NaN/Inf weights refused (each named)."""
+    import torch
+
     quiet_transformers()
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
@@ -42,6 +49,15 @@ def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (),
         raise UserError(f"{path}: the folder lacks {len(missing)} weight(s) the "
                         f"architecture needs (e.g. `{sorted(missing)[0]}`); refusing to run "
                         "on randomly initialised tensors")
+    extra = [k for k in info.get("unexpected_keys", ()) if not k.endswith(_IGNORABLE)]
+    if extra:
+        raise UserError(f"{path}: the folder has {len(extra)} weight(s) its config's "
+                        f"architecture does not use (e.g. `{sorted(extra)[0]}`); the config "
+                        "and the weights disagree")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise UserError(f"{path}: tensor `{n}` contains NaN or Inf")
     model.eval()
     return model
 

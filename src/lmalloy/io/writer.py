@@ -9,7 +9,8 @@ never looks like a model.
 `ShardedWriter` streams tensors to disk in a planned order: each shard's safetensors
 header is written first (the shapes are known from the plan), then each tensor's bytes
 as they arrive, whole (`write`) or in consecutive parts (`begin`, `part`, `end`), so peak
-memory is one part, whatever the tensor or shard size. Used as a context manager it
+memory is one part, whatever the tensor or shard size. A NaN/Inf in a floating tensor is
+refused: no command writes a non-finite weight. Used as a context manager it
 writes the index on success and, on an error, closes its file so that the temporary
 folder can be removed.
 
@@ -269,6 +270,10 @@ class ShardedWriter:
         n = t.numel() * t.element_size()
         if st_dtype(t.dtype) != self._order[self._pos][1] or n > due:
             raise RuntimeError(f"`{name}`: a part of {n} bytes ({t.dtype}) does not fit")
+        # never write a non-finite weight (a sum is non-finite if any entry is; confirmed)
+        if t.is_floating_point() and t.numel() and not (
+                bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
+            raise UserError(f"refusing to write tensor `{name}`: it contains NaN or Inf")
         if n:
             self._file.write(memoryview(t.view(torch.uint8).numpy()))
         self._open_part = (name, due - n)

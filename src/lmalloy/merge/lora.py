@@ -66,6 +66,16 @@ def load_adapter(path: str | Path) -> Adapter:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"{cfg_path}: `r` (the LoRA rank) must be a positive integer, got "
+                        f"{r!r}")
+    alpha = cfg.get("lora_alpha", r)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(
+            alpha):
+        raise UserError(f"{cfg_path}: `lora_alpha` must be a number, got {alpha!r}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{p}: a {cfg.get('peft_type')} adapter; only LoRA is supported")
     w = p / "adapter_model.safetensors"
@@ -83,15 +93,35 @@ def load_adapter(path: str | Path) -> Adapter:
                 mod = k.split(tag)[0]
                 mod = mod[len(PREFIX):] if mod.startswith(PREFIX) else mod
                 mods.setdefault(mod, {})[part] = v.float()
+    import torch
+
     tensors = {}
     for m, d in mods.items():
         if set(d) != {"lora_A", "lora_B"}:
             raise UserError(f"{p}: module `{m}` lacks lora_A or lora_B")
-        tensors[m] = (d["lora_A"], d["lora_B"])
+        A, B = d["lora_A"], d["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(f"{p}: module `{m}` has lora_A {list(A.shape)} and lora_B "
+                            f"{list(B.shape)}, which do not multiply")
+        for part, t in (("lora_A", A), ("lora_B", B)):
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(f"{p}: tensor `{m}.{part}` contains NaN or Inf")
+        tensors[m] = (A, B)
+    if not tensors:
+        raise UserError(f"{p}: adapter_model.safetensors holds no lora_A/lora_B tensors")
     r = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", r))
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return Adapter(p, cfg, tensors, scale)
+
+
+def _base_key(adapter: Path, base) -> str:
+    """A base model's identity: the resolved folder when it exists (relative to the working
+    directory, else to the adapter), else the name as written (a hub id)."""
+    for p in (Path(str(base)), adapter / str(base)):
+        if p.is_dir():
+            return str(p.resolve())
+    return str(base)
 
 
 def check_compatible(adapters: list[Adapter]) -> None:
@@ -99,7 +129,7 @@ def check_compatible(adapters: list[Adapter]) -> None:
     for a in adapters[1:]:
         b0, b1 = a0.config.get("base_model_name_or_path"), a.config.get(
             "base_model_name_or_path")
-        if b0 and b1 and Path(str(b0)).name != Path(str(b1)).name and b0 != b1:
+        if b0 and b1 and _base_key(a0.path, b0) != _base_key(a.path, b1):
             raise UserError(f"the adapters were trained on different base models: {a0.path} on "
                             f"{b0}, {a.path} on {b1}")
         if set(a.tensors) != set(a0.tensors):
@@ -228,6 +258,10 @@ def merge_adapters(cfg) -> Path:
             note = f"rank {rank} (exact)"
         elif method == "svd":
             rank = cfg.rank or max(a.rank for a in adapters)
+            limit = min(min(A.shape[1], B.shape[0]) for A, B in adapters[0].tensors.values())
+            if rank > limit:
+                raise UserError(f"`--rank` {rank} is above the smallest adapted module's "
+                                f"full rank {limit} (min of its input and output sizes)")
             mods, energy = merge_svd(adapters, w, rank)
             e = list(energy.values())
             note = (f"rank {rank}; retained energy mean {100 * sum(e) / len(e):.2f}%, min "
