@@ -33,7 +33,9 @@ from lmalloy.errors import closest
 # kept in step with lmalloy.merge.methods.METHODS (a test checks); listed here so that
 # validating a config does not import torch
 METHOD_NAMES = ("linear", "soup", "greedy_soup", "task_arithmetic", "ties", "dare_linear",
-                "dare_ties", "slerp", "model_stock", "passthrough")
+                "dare_ties", "slerp", "model_stock", "passthrough", "breadcrumbs",
+                "breadcrumbs_ties", "della", "della_linear", "sce", "nuslerp", "multislerp",
+                "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
 # methods for PEFT adapter folders (lmalloy.merge.lora); `linear` also applies to adapters
 LORA_METHODS = ("cat", "svd", "bake")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,8 +83,9 @@ class MergeConfig(DataFields):
                         "--base-model)")
     models: list[ModelEntry] = Field(..., min_length=1, description="models to merge (folders; "
                                      "YAML entries may carry `parameters`)")
-    base_model: str | None = Field(None, description="shared base (task_arithmetic, ties, dare, "
-                                   "slerp's t=0 end, model_stock)")
+    base_model: str | None = Field(None, description="shared base (task-vector methods, "
+                                   "slerp's t=0 end, model_stock, nearswap, arcee_fusion; "
+                                   "optional for nuslerp, multislerp, karcher)")
     parameters: dict[str, Any] = Field({}, description="parameters for every model and the "
                                        "method (YAML mapping; per-model ones take precedence)")
     weights: list[float] | None = Field(None, description="one weight per model, in order "

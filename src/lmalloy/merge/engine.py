@@ -216,8 +216,9 @@ def plan(cfg: MergeConfig) -> Plan:
             seen[key] = open_model(p, allow_pickle=cfg.allow_pickle)
     base = seen[str(Path(base_path).resolve())] if base_path else None
     # fine-tunes: the listed models, minus the base where the method treats it specially
+    takes_base = method.needs_base or method.optional_base
     entries = [m for m in cfg.models
-               if not (method.needs_base and base_path
+               if not (takes_base and base_path
                        and Path(m.model).resolve() == Path(base_path).resolve())]
     lo, hi = method.n_models
     if cfg.method == "slerp" and len(entries) != 1:
@@ -228,7 +229,7 @@ def plan(cfg: MergeConfig) -> Plan:
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else \
             f"{lo} to {hi}"
         raise UserError(f"`{cfg.method}` takes {want} model(s)"
-                        f"{' besides the base' if method.needs_base else ''}, got {len(entries)}")
+                        f"{' besides the base' if takes_base else ''}, got {len(entries)}")
     models = [seen[str(Path(m.model).resolve())] for m in entries]
     folders = list(seen.values())
     ref = base or models[0]
@@ -284,6 +285,8 @@ def plan(cfg: MergeConfig) -> Plan:
                                    f" of {m.model}") for s in method.model_params}
                   for m in entries]
         glob = {s.name: resolve(s, [cfg.parameters], name, t, "") for s in method.global_params}
+        if method.check is not None and (err := method.check(params, glob)):
+            raise UserError(f"{err} (tensor `{name}`)")
         if cfg.method == "linear" and glob["normalize"] and abs(
                 sum(q["weight"] for q in params)) < 1e-8:
             raise UserError(f"the weights sum to 0 for tensor `{name}`; with normalize they "
@@ -403,7 +406,7 @@ def execute(p: Plan) -> None:
     chunked_ties = cfg.method == "ties" and not any(
         tp.glob.get("rescale") for tp in p.tensors)
     # methods where a NaN/Inf input always reaches the output: check the output only
-    propagates = cfg.method not in ("ties", "dare_ties", "dare_linear")
+    propagates = not METHODS[cfg.method].drops
     thresholds = None
     if cfg.ties_trim == "model" and cfg.method in ("ties", "dare_ties"):
         dens = [float(q["density"]) for q in p.tensors[0].params]
