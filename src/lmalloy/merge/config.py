@@ -202,3 +202,33 @@ class LorahubConfig(DataFields):
     output: str = Field("runs/lorahub", description="output adapter folder")
     overwrite: bool = Field(False, description="replace an existing output folder")
     threads: int | None = Field(None, gt=0, description="torch CPU threads")
+
+
+class ExtractLoraConfig(Config):
+    model: str = Field(..., **positional("the fine-tuned HF model folder"))
+    base_model: str = Field(..., description="the base model it was fine-tuned from")
+    rank: int | None = Field(None, gt=0, description="the rank of every module (or --energy)")
+    energy: float | None = Field(None, gt=0, le=1, description="per module, the smallest rank "
+                                 "that keeps this fraction of ‖ΔW‖² (Σ σ²), e.g. 0.9 (or "
+                                 "--rank)")
+    embed_lora: bool = Field(False, description="also extract the input embeddings and the LM "
+                             "head (mergekit's --embed-lora); default: the linear modules of "
+                             "the decoder layers only")
+    out: str = Field("runs/extracted-lora", description="output PEFT adapter folder")
+    output: str | None = Field(None, description="the same as --out")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="adapter dtype (default: the fine-tune's)")
+    allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("set exactly one of `--rank` (the same rank for every module) or "
+                             "`--energy` (a rank per module by retained energy)")
+        if self.output is not None:
+            if "out" in self.model_fields_set and self.out != self.output:
+                raise ValueError(f"`--out` {self.out} and `--output` {self.output} differ; "
+                                 f"give one")
+            self.out, self.output = self.output, None
+        return self
