@@ -336,9 +336,11 @@ def test_bad_nan_input_is_named(capsys, zoo, tmp_path):
     b, f0 = zoo["base"], zoo["fts"][0]
     nan = _copy_edit(zoo["fts"][1], tmp_path / "nan",
                      lambda s: s["model.layers.0.mlp.down_proj.weight"].__setitem__(0, math.nan))
-    for method in ("linear", "ties"):
+    for method, params in (("linear", "weight=1"), ("ties", "weight=1"),
+                           ("della", "weight=1,density=0.5"), ("breadcrumbs_ties", "weight=1"),
+                           ("ram", "epsilon=0.01")):
         line = _bad(capsys, tmp_path, "--method", method, "--base-model", b, "--models",
-                    f"{f0},{nan}", "--parameters", "weight=1", match="contains NaN or Inf")
+                    f"{f0},{nan}", "--parameters", params, match="contains NaN or Inf")
         assert "model.layers.0.mlp.down_proj.weight" in line and "nan" in line
 
 

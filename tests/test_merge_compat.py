@@ -118,7 +118,160 @@ models:
   - {{model: {m[2]}, parameters: {{weight: 1.0, density: 0.4}}}}
 dtype: float32
 """,
+        "breadcrumbs": f"""merge_method: breadcrumbs
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}}}
+  - {{model: {m[1]}, parameters: {{weight: [0.3, 0.9], density: 0.6}}}}
+  - {{model: {m[2]}, parameters: {{weight: 0.8, density: [{{filter: mlp, value: 0.3}}, {{value: 0.7}}], gamma: 0.1}}}}
+parameters: {{lambda: 0.9}}
+dtype: float32
+""",
+        "breadcrumbs_ties": f"""merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 0.7, density: 0.4, gamma: 0.02}}}}
+  - {{model: {m[1]}, parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}}}
+  - {{model: {m[2]}, parameters: {{weight: 0.5, density: 0.6}}}}
+parameters: {{normalize: true, rescale: true}}
+dtype: float32
+""",
+        "della": f"""merge_method: della
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 1.0, density: 0.5, epsilon: 0.15}}}}
+  - {{model: {m[1]}, parameters: {{weight: 1.0, density: 0.5, epsilon: 0.15}}}}
+  - {{model: {m[2]}, parameters: {{weight: 1.0, density: 0.5, epsilon: 0.15}}}}
+dtype: float32
+""",
+        "della_linear": f"""merge_method: della_linear
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 0.5, density: 0.4, epsilon: 0.2}}}}
+  - {{model: {m[1]}, parameters: {{weight: 0.5, density: 0.4, epsilon: 0.2}}}}
+  - {{model: {m[2]}, parameters: {{weight: 0.5, density: 0.4, epsilon: 0.2}}}}
+parameters: {{lambda: 1.2}}
+dtype: float32
+""",
+        "della_no_rescale": f"""merge_method: della_linear
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 0.5, density: 0.4, epsilon: 0.2}}}}
+  - {{model: {m[1]}, parameters: {{weight: 0.5, density: 0.4, epsilon: 0.2}}}}
+  - {{model: {m[2]}, parameters: {{weight: 0.5, density: 0.4, epsilon: 0.2}}}}
+parameters: {{rescale: false}}
+dtype: float32
+""",
+        "sce": f"""merge_method: sce
+base_model: {base}
+models:
+  - {{model: {base}}}
+  - {{model: {m[0]}}}
+  - {{model: {m[1]}}}
+  - {{model: {m[2]}}}
+parameters: {{select_topk: 0.5}}
+dtype: float32
+""",
+        "sce_all": f"""merge_method: sce
+base_model: {base}
+models:
+  - {{model: {m[0]}}}
+  - {{model: {m[1]}}}
+dtype: float32
+""",
+        "nuslerp": f"""merge_method: nuslerp
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 0.3}}}}
+  - {{model: {m[1]}, parameters: {{weight: [0.2, 0.9]}}}}
+dtype: float32
+""",
+        "nuslerp_no_base_row_wise": f"""merge_method: nuslerp
+models:
+  - {{model: {m[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {m[1]}, parameters: {{weight: 2.0}}}}
+parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}
+dtype: float32
+""",
+        "nuslerp_no_base_rows": f"""merge_method: nuslerp
+models:
+  - {{model: {m[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {m[2]}, parameters: {{weight: 1.0}}}}
+parameters: {{nuslerp_flatten: false}}
+dtype: float32
+""",
+        "multislerp": f"""merge_method: multislerp
+base_model: {base}
+models:
+  - {{model: {m[0]}, parameters: {{weight: 0.5}}}}
+  - {{model: {m[1]}, parameters: {{weight: 0.3}}}}
+  - {{model: {m[2]}, parameters: {{weight: [0.1, 0.6]}}}}
+dtype: float32
+""",
+        "multislerp_no_base": f"""merge_method: multislerp
+models:
+  - {{model: {m[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {m[1]}, parameters: {{weight: 2.0}}}}
+parameters: {{normalize_weights: false}}
+dtype: float32
+""",
+        "karcher": f"""merge_method: karcher
+base_model: {base}
+models:
+  - {{model: {m[0]}}}
+  - {{model: {m[1]}}}
+  - {{model: {m[2]}}}
+parameters: {{max_iter: 20, tol: 1.0e-6}}
+dtype: float32
+""",
+        "karcher_no_base": f"""merge_method: karcher
+models:
+  - {{model: {m[0]}}}
+  - {{model: {m[1]}}}
+dtype: float32
+""",
+        "nearswap": f"""merge_method: nearswap
+base_model: {base}
+models:
+  - {{model: {base}}}
+  - {{model: {m[0]}}}
+parameters:
+  t: [{{filter: mlp, value: 0.01}}, {{value: 0.03}}]
+dtype: float32
+""",
+        "arcee_fusion": f"""merge_method: arcee_fusion
+base_model: {base}
+models:
+  - {{model: {base}}}
+  - {{model: {m[1]}}}
+dtype: float32
+""",
+        "ram": f"""merge_method: ram
+base_model: {base}
+models:
+  - {{model: {m[0]}}}
+  - {{model: {m[1]}}}
+  - {{model: {m[2]}}}
+parameters: {{epsilon: 0.02}}
+dtype: float32
+""",
+        "ramplus_tl": f"""merge_method: ramplus_tl
+base_model: {base}
+models:
+  - {{model: {m[0]}}}
+  - {{model: {m[1]}}}
+  - {{model: {m[2]}}}
+parameters: {{epsilon: 0.02, r: 0.5, alpha: 0.6}}
+dtype: float32
+""",
     }
+
+
+# random drops: compared by statistics (different generators in the two tools). The bound
+# on mean |change|: 3%, except where the rescale rules differ (DELLA: lmalloy 1/p per entry,
+# mergekit the L1 norm: the same in expectation per task vector, not for |Σ|; 2-4% measured)
+RANDOM = {"dare_linear": 0.03, "dare_ties": 0.03, "della": 0.06, "della_linear": 0.06,
+          "della_no_rescale": 0.03}
 
 
 def test_same_tensors_as_mergekit(tmp_path, tokenizer_dir, capsys):
@@ -134,14 +287,15 @@ def test_same_tensors_as_mergekit(tmp_path, tokenizer_dir, capsys):
                        text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-3000:]
     B = load_file(base / "model.safetensors")
+    report, bad = {}, []
     for name in cfgs:
         rc, _, err = run_cli(capsys, "merge", tmp_path / f"{name}.yaml", "--output",
                              tmp_path / f"lm_{name}", "--no-progress")
-        assert rc == 0, err
+        assert rc == 0, (name, err)
         mk = load_file(tmp_path / f"mk_{name}" / "model.safetensors")
         lm = load_file(tmp_path / f"lm_{name}" / "model.safetensors")
         assert set(mk) == set(lm), name
-        if name.startswith("dare"):
+        if name in RANDOM:
             same = {"mk": 0, "lm": 0}
             change = {"mk": 0.0, "lm": 0.0}
             n = 0
@@ -152,10 +306,19 @@ def test_same_tensors_as_mergekit(tmp_path, tokenizer_dir, capsys):
                     same[tag] += int((t == B[k]).sum())
                     change[tag] += float((t - B[k]).abs().sum())
                 n += B[k].numel()
-            assert abs(same["mk"] - same["lm"]) / n < 0.01, (name, same, n)
-            assert abs(change["mk"] / change["lm"] - 1) < 0.03, (name, change)
+            kept = abs(same["mk"] - same["lm"]) / n
+            ratio = change["mk"] / change["lm"] - 1
+            report[name] = f"share at base differs by {kept:.4f}, mean |change| by {ratio:+.4f}"
+            if kept >= 0.01 or abs(ratio) >= RANDOM[name]:
+                bad.append((name, same, change, n))
             continue
+        worst = 0.0
         for k in mk:
             a, b = mk[k].float(), lm[k].float()
             rel = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
-            assert rel <= 1e-6, (name, k, rel)
+            worst = max(worst, rel)
+            if rel > 1e-6:
+                bad.append((name, k, rel))
+        report[name] = f"max relative difference {worst:.2e}"
+    print("\n".join(f"{k}: {v}" for k, v in report.items()))
+    assert not bad, bad

@@ -185,28 +185,40 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix:
             parser.add_argument(dest, metavar=name.upper(), nargs=nargs, help=help_,
                                 default=argparse.SUPPRESS)
             continue
-        flags = [flag_name((*prefix, n)) for n in (field.alias or name,
-                                                   *extra.get("aliases", ()))]
-        if ann is bool:
-            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_)
-        elif _is_list(ann):
-            parser.add_argument(*flags, dest=dest, action="append", default=argparse.SUPPRESS,
-                                metavar="A,B", help=help_ + " (comma-separated or repeated)")
-        else:
-            meta = name.upper()
-            if get_origin(ann) is Literal:
-                meta = "{" + ",".join(map(str, get_args(ann))) + "}"
-            parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, metavar=meta,
-                                help=help_)
+        names = [field.alias or name, *extra.get("aliases", ())]
+        for i, n in enumerate(names):  # each alias its own dest: both given is detectable
+            d = dest if i == 0 else f"{dest}__as__{n}"
+            h = help_ if i == 0 else f"the same as {flag_name((*prefix, names[0]))}"
+            _add_flag(parser, flag_name((*prefix, n)), d, ann, name, h)
+
+
+def _add_flag(parser, flag: str, dest: str, ann, name: str, help_: str) -> None:
+    if ann is bool:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_)
+    elif _is_list(ann):
+        parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS,
+                            metavar="A,B", help=help_ + " (comma-separated or repeated)")
+    else:
+        meta = name.upper()
+        if get_origin(ann) is Literal:
+            meta = "{" + ",".join(map(str, get_args(ann))) + "}"
+        parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=meta,
+                            help=help_)
 
 
 def overrides_from_namespace(cls: type[BaseModel], ns: argparse.Namespace) -> dict:
     out: dict = {}
+    given: dict[tuple, str] = {}  # field path -> the flag that set it
     for dest, value in vars(ns).items():
         if not dest.startswith("cfg__"):
             continue
-        path = tuple(dest[5:].split("__"))
+        key, _, alias = dest[5:].partition("__as__")
+        path = tuple(key.split("__"))
+        flag = flag_name((*path[:-1], alias)) if alias else flag_name(path)
+        if path in given:
+            raise UserError(f"`{given[path]}` and `{flag}` name the same setting; give one")
+        given[path] = flag
         f_cls, ann = cls, None
         for p in path:
             ann = _strip_optional(f_cls.model_fields[p].annotation)

@@ -32,7 +32,8 @@ def is_causal_lm(config: dict) -> bool:
 _IGNORABLE = ("rotary_emb.inv_freq",)
 
 
-def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (), **kw):
+def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (),
+          allow_unexpected: tuple[str, ...] = (), **kw):
     """`cls.from_pretrained` with a one-line error; missing or unexpected weights and
     NaN/Inf weights refused (each named)."""
     import torch
@@ -49,7 +50,8 @@ def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (),
         raise UserError(f"{path}: the folder lacks {len(missing)} weight(s) the "
                         f"architecture needs (e.g. `{sorted(missing)[0]}`); refusing to run "
                         "on randomly initialised tensors")
-    extra = [k for k in info.get("unexpected_keys", ()) if not k.endswith(_IGNORABLE)]
+    extra = [k for k in info.get("unexpected_keys", ()) if not k.endswith(_IGNORABLE)
+             and not any(k.startswith(a) for a in allow_unexpected)]
     if extra:
         raise UserError(f"{path}: the folder has {len(extra)} weight(s) its config's "
                         f"architecture does not use (e.g. `{sorted(extra)[0]}`); the config "
@@ -77,17 +79,18 @@ def load_causal_lm(path: str | Path, allow_pickle: bool = False, dtype: str = "f
 
 
 def load_sequence_classifier(path: str | Path, dtype: str = "float32", config=None,
-                             allow_missing: tuple[str, ...] = ()):
+                             from_causal_lm: bool = False):
     """AutoModelForSequenceClassification from a local folder (reward models).
 
-    `allow_missing` names weights that may be absent (a new `score` head built from a
-    causal LM's body)."""
+    `from_causal_lm`: the folder is a causal LM whose body becomes the classifier's (its
+    LM head is dropped, the `score` head is new)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     kw = {"config": config} if config is not None else {}
-    return _load(AutoModelForSequenceClassification, path, "a sequence classifier",
-                 allow_missing, dtype=getattr(torch, dtype), **kw)
+    allow = (("score.",), ("lm_head.",)) if from_causal_lm else ((), ())
+    return _load(AutoModelForSequenceClassification, path, "a sequence classifier", *allow,
+                 dtype=getattr(torch, dtype), **kw)
 
 
 def load_weights(model, state: dict) -> None:

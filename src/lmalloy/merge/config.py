@@ -34,7 +34,9 @@ from lmalloy.errors import closest
 # kept in step with lmalloy.merge.methods.METHODS (a test checks); listed here so that
 # validating a config does not import torch
 METHOD_NAMES = ("linear", "soup", "greedy_soup", "task_arithmetic", "ties", "dare_linear",
-                "dare_ties", "slerp", "model_stock", "passthrough")
+                "dare_ties", "slerp", "model_stock", "passthrough", "breadcrumbs",
+                "breadcrumbs_ties", "della", "della_linear", "sce", "nuslerp", "multislerp",
+                "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
 # methods for PEFT adapter folders (lmalloy.merge.lora); `linear` also applies to adapters
 LORA_METHODS = ("cat", "svd", "bake")
 
@@ -81,8 +83,9 @@ class MergeConfig(DataFields):
                         "--base-model)")
     models: list[ModelEntry] = Field(..., min_length=1, description="models to merge (folders; "
                                      "YAML entries may carry `parameters`)")
-    base_model: str | None = Field(None, description="shared base (task_arithmetic, ties, dare, "
-                                   "slerp's t=0 end, model_stock)")
+    base_model: str | None = Field(None, description="shared base (task-vector methods, "
+                                   "slerp's t=0 end, model_stock, nearswap, arcee_fusion; "
+                                   "optional for nuslerp, multislerp, karcher)")
     parameters: dict[str, Any] = Field({}, description="parameters for every model and the "
                                        "method (YAML mapping; per-model ones take precedence)")
     weights: list[float] | None = Field(None, description="one weight per model, in order "
@@ -199,3 +202,28 @@ class LorahubConfig(DataFields):
     out: str = Field("runs/lorahub", description="output adapter folder", **also("output"))
     overwrite: bool = Field(False, description="replace an existing output folder")
     threads: int | None = threads_field()
+
+
+class ExtractLoraConfig(Config):
+    model: str = Field(..., **positional("the fine-tuned HF model folder"))
+    base_model: str = Field(..., description="the base model it was fine-tuned from")
+    rank: int | None = Field(None, gt=0, description="the rank of every module (or --energy)")
+    energy: float | None = Field(None, gt=0, le=1, description="per module, the smallest rank "
+                                 "that keeps this fraction of ‖ΔW‖² (Σ σ²), e.g. 0.9 (or "
+                                 "--rank)")
+    embed_lora: bool = Field(False, description="also extract the input embeddings and the LM "
+                             "head (mergekit's --embed-lora); default: the linear modules of "
+                             "the decoder layers only")
+    out: str = Field("runs/extracted-lora", description="output PEFT adapter folder",
+                     **also("output"))
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="adapter dtype (default: the fine-tune's)")
+    allow_pickle: bool = Field(False, description="allow pickle inputs (weights_only)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("set exactly one of `--rank` (the same rank for every module) or "
+                             "`--energy` (a rank per module by retained energy)")
+        return self

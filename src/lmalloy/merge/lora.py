@@ -85,6 +85,10 @@ def load_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{p}: no adapter_model.safetensors")
     read_header(w)  # truncation check
     raw = load_file(w)
+    emb = [k for k in raw if ".lora_embedding_" in k]
+    if emb:
+        raise UserError(f"{p}: `{emb[0]}` is an embedding LoRA, which lmalloy's adapter "
+                        f"merging does not read; merge it with PEFT")
     mods: dict[str, dict] = {}
     for k, v in raw.items():
         for part in ("lora_A", "lora_B"):

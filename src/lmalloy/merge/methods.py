@@ -30,6 +30,37 @@ Parameters follow mergekit's names and defaults so that its YAML gives the same 
   pairwise cosine of the task vectors; t·mean(xᵢ) + (1 − t)·base; `filter_wise`: one t per
   row; where 1 + (N−1)·cos ≈ 0 the base is kept (as mergekit 0.1.5).
 - passthrough: the single input unchanged (times `scale`, default 1).
+- breadcrumbs / breadcrumbs_ties (Davari & Belilovsky 2023, "Model Breadcrumbs", 2312.06795):
+  per τᵢ, drop the `gamma` fraction of largest magnitudes (outliers) and the smallest, keeping
+  `density`; then task arithmetic / TIES' vote. Two selected thresholds, no sort.
+- della / della_linear (Deep et al. 2024, "DELLA-Merging", 2406.11617): MagPrune, a drop
+  probability per entry from its magnitude rank within its row (the whole vector for 1-D
+  tensors): keep probability density − ε … density + ε from the smallest to the largest;
+  survivors rescaled by 1/keep-probability (the paper; mergekit 0.1.5 matches the L1 norm);
+  then TIES' vote (della) or a plain sum (della_linear).
+- sce (arXiv 2408.07990): Select the `select_topk` fraction of entries with the largest
+  variance across the τᵢ, Calculate one weight per model ∝ mean(τᵢ²), Erase entries whose
+  sign disagrees with Σ τᵢ; the weighted mean of the rest.
+- nuslerp (mergekit): SLERP between two models (or their task vectors when a base is given)
+  at t = w₂/(w₁+w₂), over the flattened tensor or per row/column.
+- multislerp (C. Goddard, mergekit): barycentric SLERP of N models (or task vectors) on the
+  hypersphere through the tangent space at their weighted mean direction, scaled to the
+  weighted mean norm.
+- karcher (the Riemannian centre of mass, Karcher 1977; mergekit cites arXiv 2603.04972):
+  the uniform Fréchet mean of the inputs' directions on the unit sphere by fixed-point
+  iteration, scaled by the mean norm; a given base is one more input (as in mergekit).
+- nearswap (alchemonaut, mergekit): interpolate base → model with weight
+  clamp(t / |model − base|, 0, 1) per entry: entries that are already close are swapped in.
+- arcee_fusion (Arcee AI, mergekit): keep the model's change where its importance
+  |Δ|·KL(softmax(model) ‖ softmax(base)) (KL per row) reaches median + 1.5·IQR.
+- ram / ramplus_tl (Reinforced Agent Merging, arXiv 2601.13572, as in mergekit): an entry
+  changed (|τ| > ε) by one model takes that change, by several their mean; RAM+
+  (tensor-local) scales each model's unique entries by 1 + r·clamp(shared/unique, 0, α).
+
+Method fields beyond the paper: `needs_base` / `optional_base` (a given base is taken out of
+the models and passed as `base`), `n_models` (fine-tunes besides the base), `drops` (the
+engine checks inputs for NaN/Inf since a dropped entry could hide one), `check` (a
+cross-parameter check run per tensor at planning).
 """
 
 from __future__ import annotations
@@ -38,6 +69,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -59,7 +91,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
-    kind: str = "float"  # float | bool
+    kind: str = "float"  # float | int | bool
 
     def check(self, value, where: str) -> str | None:
         """An error message, or None if the value is valid."""
@@ -68,6 +100,8 @@ class Param:
                 f"true or false, got {value!r}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"`{self.name}`{where} must be a number, got {value!r}"
+        if self.kind == "int" and value != int(value):
+            return f"`{self.name}`{where} must be a whole number, got {value!r}"
         if not math.isfinite(value):
             return f"`{self.name}`{where} must be finite, got {value}"
         lo_bad = self.low is not None and (value <= self.low if self.low_open
@@ -92,6 +126,14 @@ class Method:
     aliases: dict = field(default_factory=dict)
     # weighted averages: (per-model params, global params) -> the coefficient of each model
     weights: Callable[[list[dict], dict], list[float]] | None = None
+    # a base that may be given or not: when given it is taken out of the models and passed
+    # as `base` (nuslerp, multislerp: task vectors; karcher: one more input)
+    optional_base: bool = False
+    # may drop entries, so a NaN/Inf input can vanish from the output: the engine checks the
+    # inputs, not just the output
+    drops: bool = False
+    # cross-parameter check per tensor, at planning: (p, g) -> error message or None
+    check: Callable[[list[dict], dict], str | None] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -132,11 +174,62 @@ def trim(x: Tensor, density: float, threshold: float | None = None) -> Tensor:
     return F.threshold(a, below, 0.0).mul_(x.sign())
 
 
-def dare_mask(shape: torch.Size, density: float, ctx: TensorCtx, i: int) -> Tensor:
-    """Bernoulli(density) keep-mask, seeded by (seed, tensor name, model index)."""
+def uniform(shape: torch.Size, ctx: TensorCtx, i: int) -> Tensor:
+    """U[0, 1) noise from a generator seeded by (seed, tensor name, model index)."""
     h = hashlib.blake2b(f"{ctx.seed}/{ctx.name}/{i}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
-    return torch.rand(shape, generator=gen) < density
+    return torch.rand(shape, generator=gen)
+
+
+def dare_mask(shape: torch.Size, density: float, ctx: TensorCtx, i: int) -> Tensor:
+    """Bernoulli(density) keep-mask, seeded by (seed, tensor name, model index)."""
+    return uniform(shape, ctx, i) < density
+
+
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Keep `density` of the entries by magnitude after dropping the `gamma` largest.
+
+    As mergekit's `magnitude_outliers`: with n entries, k = ⌊density·n⌋ are kept, the top
+    ⌊gamma·n⌋ dropped (fewer when k needs them), the rest from the bottom. The kept band
+    lies between two selected magnitudes (no sort; entries tied at a bound are all kept).
+    """
+    a = x.abs().reshape(-1)
+    n = a.numel()
+    k = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    lo = kth_largest(a, n - n_bot)  # the (n_bot + 1)-th smallest
+    hi = kth_largest(a, n - n_bot - k + 1)  # the (n_bot + k)-th smallest
+    return ((a >= lo) & (a <= hi)).view(x.shape)
+
+
+def della_probs(x: Tensor, density: float, epsilon: float) -> Tensor:
+    """MagPrune keep probabilities: density − ε … density + ε by magnitude rank.
+
+    Ranked along dim 1 (within each row of a matrix; 1-D tensors as one row), as mergekit
+    0.1.5: rank 0 (smallest) gets density − ε, the largest density + ε, linearly between.
+    """
+    shape = x.shape
+    a = x.abs().reshape(1, -1) if x.dim() < 2 else x.abs()  # (rows, n, ...)
+    n = a.shape[1]
+    order = torch.argsort(a, dim=1)
+    ranks = torch.empty_like(order)
+    ar = torch.arange(n).view(1, n, *([1] * (a.dim() - 2))).expand_as(order)
+    ranks.scatter_(1, order, ar)  # ranks[order[j]] = j
+    # a row of one entry has no spread: its probability is density (mergekit: NaN)
+    rank_norm = ranks.to(x.dtype) / (n - 1) if n > 1 else torch.full_like(a, 0.5)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).view(shape)
+
+
+def della_check(p: list[dict], g: dict) -> str | None:
+    for i, q in enumerate(p):
+        d, e = q["density"], q["epsilon"]
+        if d < 1 and not (0 < d - e and d + e < 1):
+            return (f"`epsilon` {e:g} with `density` {d:g} of model {i + 1}: density ± epsilon "
+                    f"must lie in (0, 1)")
+    return None
 
 
 def _l1_rescale(before: Tensor, after: Tensor, eps: float = 1e-7) -> Tensor:
@@ -166,6 +259,15 @@ def _generalized(xs: list[Tensor], base: Tensor, p: list[dict], g: dict, ctx: Te
             d = torch.where(dare_mask(d.shape, density, ctx, i), d, 0.0)
             if g.get("rescale", True):
                 d.div_(density)
+        elif sparsify == "outliers" and density < 1:
+            kept = d * breadcrumbs_mask(d, density, float(q["gamma"]))
+            d = _l1_rescale(d, kept) if g.get("rescale", False) else kept
+        elif sparsify == "della" and density < 1:
+            probs = della_probs(d, density, float(q["epsilon"]))
+            d = torch.where(uniform(d.shape, ctx, i) < probs, d, 0.0)
+            if g.get("rescale", True):
+                d.div_(probs)  # the paper's 1/(1 − pᵢ), pᵢ the drop probability
+            del probs
         if w[i] != 1.0:
             d.mul_(w[i])
         deltas.append(d)
@@ -219,20 +321,10 @@ def uniform_weights(p: list[dict], g: dict) -> list[float]:
     return [1.0 / len(p)] * len(p)
 
 
-def task_arithmetic(xs, base, p, g, ctx):
-    return _generalized(xs, base, p, g, ctx, None, False)
-
-
-def ties(xs, base, p, g, ctx):
-    return _generalized(xs, base, p, g, ctx, "magnitude", True)
-
-
-def dare_linear(xs, base, p, g, ctx):
-    return _generalized(xs, base, p, g, ctx, "random", False)
-
-
-def dare_ties(xs, base, p, g, ctx):
-    return _generalized(xs, base, p, g, ctx, "random", True)
+def gta(sparsify: str | None, consensus: bool) -> Callable[..., Tensor]:
+    """A generalized task arithmetic method: sparsify each τᵢ (None, magnitude, random,
+    outliers, della), then a plain sum or TIES' sign vote (`consensus`)."""
+    return partial(_generalized, sparsify=sparsify, consensus=consensus)
 
 
 def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995,
@@ -283,6 +375,205 @@ def passthrough(xs, base, p, g, ctx):
     return xs[0] * s if s != 1 else xs[0]
 
 
+def sce(xs, base, p, g, ctx):
+    """Select (top variance across models), Calculate (weights ∝ mean τ²), Erase (sign)."""
+    tvs = [x - base for x in xs]
+    k_frac = float(g["select_topk"])
+    if k_frac < 1:
+        if k_frac <= 0:
+            keep = torch.zeros_like(base, dtype=torch.bool)
+        else:
+            mean = sum(tvs) / len(tvs)
+            var = sum((t - mean).square_() for t in tvs) / len(tvs)  # population variance
+            del mean
+            k = int(int(torch.count_nonzero(var)) * k_frac)
+            # the k-th largest of k <= #nonzero variances is > 0: zero-variance entries go
+            keep = var >= kth_largest(var, k) if k > 0 else torch.zeros_like(var,
+                                                                             dtype=torch.bool)
+            del var
+        tvs = [t * keep for t in tvs]
+    sq = [float(t.square().mean()) for t in tvs]
+    total = sum(sq)
+    w = [1.0 / len(tvs)] * len(tvs) if abs(total) < 1e-6 else [v / total for v in sq]
+    sgn = torch.ones_like(base).copysign_(sum(tvs))  # elected sign: + where Σ τᵢ >= 0
+    merged = torch.zeros_like(base)
+    den = torch.zeros_like(base)
+    for wi, t in zip(w, tvs, strict=True):
+        agree = (t.sign() == sgn).to(base.dtype)  # a zero entry agrees with no sign
+        merged.add_(t * agree, alpha=wi)
+        den.add_(agree, alpha=wi)
+    return base + merged / den.clamp_(min=1e-6)
+
+
+def _nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool,
+             eps: float = 1e-8) -> Tensor:
+    """SLERP along the last axis (of the flattened tensor, or of its transpose when
+    row-wise), linear where the two are colinear: 1 − cos² <= eps²."""
+    shape = v0.shape
+    if flatten:
+        a, b = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)  # (..., 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    res = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    res = torch.where(colinear, (1 - t) * a + t * b, res)
+    if row_wise and not flatten:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def nuslerp(xs, base, p, g, ctx):
+    w0, w1 = float(p[0]["weight"]), float(p[1]["weight"])
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    row, flat = bool(g["nuslerp_row_wise"]), bool(g["nuslerp_flatten"])
+    if base is None:
+        return _nuslerp(t, xs[0], xs[1], row, flat)
+    return base + _nuslerp(t, xs[0] - base, xs[1] - base, row, flat)
+
+
+def multislerp(xs, base, p, g, ctx):
+    """Barycentric SLERP: tangent space at the weighted mean direction, exponential map back."""
+    from lmalloy.errors import UserError
+
+    if len(xs) == 1:
+        return xs[0]
+    eps = float(g["eps"])
+    w = torch.tensor([float(q["weight"]) for q in p], dtype=xs[0].dtype)
+    if g["normalize_weights"]:
+        w = w / w.sum()
+    vs = [(x - base if base is not None else x).reshape(-1) for x in xs]
+    norms = [v.norm() for v in vs]
+    units = [v / (n + eps) for v, n in zip(vs, norms, strict=True)]
+    mean = sum(wi * u for wi, u in zip(w, units, strict=True))
+    mean_norm = mean.norm()
+    if mean_norm < eps:
+        if len(xs) != 2:
+            raise UserError(f"multislerp: the weighted directions of `{ctx.name}` cancel "
+                            f"out (antipodal inputs); change the weights")
+        res = (vs[0] * w[0] + vs[1] * w[1]).view(xs[0].shape)  # linear fallback
+        return res + base if base is not None else res
+    mean = mean / mean_norm
+    tangent = sum(wi * (u - (u * mean).sum() * mean) for wi, u in zip(w, units, strict=True))
+    tn = tangent.norm() + eps
+    res = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
+    res = (res * sum(n * wi for n, wi in zip(norms, w, strict=True))).view(xs[0].shape)
+    return res + base if base is not None else res
+
+
+def karcher_mean(xs: list[Tensor], max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """Uniform Karcher (Fréchet) mean of the directions on the unit sphere × the mean norm.
+
+    Fixed-point iteration, as mergekit 0.1.5: the mean of the log maps at the current
+    estimate, one exponential-map step, until the step's norm is below `tol`. Inputs with
+    norm <= tol take no part in the direction (they still count in the norm).
+    """
+    if len(xs) == 1:
+        return xs[0]
+    alpha = 1.0 / len(xs)
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    units = [torch.zeros_like(x) if float(n) == 0.0 else x / n
+             for x, n in zip(xs, norms, strict=True)]
+    valid = [u for u, n in zip(units, norms, strict=True) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    a = 1.0 / len(valid)
+    mean = torch.zeros_like(valid[0])
+    for u in valid:
+        mean += a * u
+    mn = torch.linalg.vector_norm(mean)
+    mean = valid[0].clone() if float(mn) < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in valid:
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tn = torch.linalg.vector_norm(tangent)
+        if float(tn) < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
+        un = torch.linalg.vector_norm(mean)
+        if float(un) > tol:
+            mean = mean / un
+    return sum(alpha * n for n in norms) * mean
+
+
+def karcher(xs, base, p, g, ctx):
+    inputs = xs + ([base] if base is not None else [])  # mergekit: the base is one more input
+    return karcher_mean(inputs, int(g["max_iter"]), float(g["tol"]))
+
+
+def nearswap(xs, base, p, g, ctx):
+    b = xs[0]
+    w = (float(g["t"]) / (base - b).abs().clamp_(min=1e-6)).clamp_(0, 1)
+    return w * b + (1 - w) * base
+
+
+def arcee_fusion(xs, base, p, g, ctx):
+    """Keep the change where importance = |Δ|·KL(softmax(x) ‖ softmax(base)) per row is an
+    upper outlier: >= median + 1.5·(q3 − q1), exact quantiles (the ⌊q·(n − 1)⌋-th
+    smallest)."""
+    import torch.nn.functional as F
+
+    x = xs[0]
+    q = F.softmax(base, dim=-1) + 1e-8
+    pr = F.softmax(x, dim=-1) + 1e-8
+    kl = (pr * torch.log(pr / q)).sum(dim=-1, keepdim=True)  # (..., 1)
+    del q, pr
+    imp = (x - base).abs() * kl  # (..., n)
+    flat = imp.reshape(-1)
+    n = flat.numel()
+    q1, med, q3 = (torch.kthvalue(flat, int(f * (n - 1)) + 1).values for f in (0.25, 0.5, 0.75))
+    keep = imp >= med + 1.5 * (q3 - q1)
+    return base + (x - base) * keep
+
+
+def _ram(xs, base, eps: float, r: float | None = None, alpha: float = 0.0) -> Tensor:
+    """RAM: entries changed (|τ| > eps) by one model take it, by several their mean. With `r`
+    (RAM+ tensor-local), model i's unique entries are scaled by 1 + r·clamp(ρᵢ, 0, α), ρᵢ =
+    its shared / unique changed entries in this tensor."""
+    tvs = [x - base for x in xs]
+    nz = [t.abs() > eps for t in tvs]
+    count = torch.zeros_like(base)
+    for m in nz:
+        count += m
+    unique = count == 1
+    overlap = count > 1
+    inv = torch.where(overlap, 1 / count.clamp(min=1), 0.0)  # mean over contributors
+    out = base.clone()
+    for t, m in zip(tvs, nz, strict=True):
+        scale = 1.0
+        if r is not None:
+            shared = int((m & overlap).sum())
+            uniq = int((m & unique).sum())
+            scale = 1 + r * min(max(shared / max(uniq, eps), 0.0), alpha)
+        out += t * m * (unique * scale + inv)
+    return out
+
+
+def ram(xs, base, p, g, ctx):
+    return _ram(xs, base, float(g["epsilon"]))
+
+
+def ramplus_tl(xs, base, p, g, ctx):
+    return _ram(xs, base, float(g["epsilon"]), float(g["r"]), float(g["alpha"]))
+
+
+def multislerp_check(p: list[dict], g: dict) -> str | None:
+    if g["normalize_weights"] and len(p) > 1 and abs(sum(q["weight"] for q in p)) < 1e-12:
+        return "multislerp's weights sum to 0; with normalize_weights they must not"
+    return None
+
+
 # --------------------------------------------------------------------------- registry
 
 WEIGHT = Param("weight")
@@ -293,6 +584,8 @@ LAMBDA = Param("lambda", 1.0)
 RESC_T = Param("rescale", True, kind="bool")
 RESC_F = Param("rescale", False, kind="bool")
 INT8 = Param("int8_mask", False, kind="bool")  # accepted for mergekit YAML; no effect here
+GAMMA = Param("gamma", 0.01, 0.0, 1.0)
+EPSILON = Param("epsilon", 0.15, 0.0, 0.5)
 
 METHODS: dict[str, Method] = {
     "linear": Method(None, "Model soups, Wortsman et al. 2022 (arXiv 2203.05482)",
@@ -302,17 +595,17 @@ METHODS: dict[str, Method] = {
                    weights=uniform_weights),
     "greedy_soup": Method(None, "greedy soup, Wortsman et al. 2022 (arXiv 2203.05482)",
                           weights=uniform_weights),
-    "task_arithmetic": Method(task_arithmetic, "Ilharco et al. 2022 (arXiv 2212.04089)",
+    "task_arithmetic": Method(gta(None, False), "Ilharco et al. 2022 (arXiv 2212.04089)",
                               needs_base=True, model_params=(WEIGHT,),
                               global_params=(NORM_F, LAMBDA, INT8)),
-    "ties": Method(ties, "TIES-merging, Yadav et al. 2023 (arXiv 2306.01708)", needs_base=True,
-                   model_params=(WEIGHT, DENSITY),
+    "ties": Method(gta("magnitude", True), "TIES-merging, Yadav et al. 2023 (arXiv 2306.01708)",
+                   needs_base=True, drops=True, model_params=(WEIGHT, DENSITY),
                    global_params=(NORM_T, LAMBDA, RESC_F, INT8)),
-    "dare_linear": Method(dare_linear, "DARE, Yu et al. 2023 (arXiv 2311.03099)",
-                          needs_base=True, model_params=(WEIGHT, DENSITY),
+    "dare_linear": Method(gta("random", False), "DARE, Yu et al. 2023 (arXiv 2311.03099)",
+                          needs_base=True, drops=True, model_params=(WEIGHT, DENSITY),
                           global_params=(NORM_F, LAMBDA, RESC_T)),
-    "dare_ties": Method(dare_ties, "DARE + TIES, Yu et al. 2023 (arXiv 2311.03099)",
-                        needs_base=True, model_params=(WEIGHT, DENSITY),
+    "dare_ties": Method(gta("random", True), "DARE + TIES, Yu et al. 2023 (arXiv 2311.03099)",
+                        needs_base=True, drops=True, model_params=(WEIGHT, DENSITY),
                         global_params=(NORM_F, LAMBDA, RESC_T, INT8)),
     "slerp": Method(slerp, "spherical interpolation, Shoemake 1985; as in mergekit",
                     needs_base=True, n_models=(1, 1), global_params=(Param("t", None, 0.0, 1.0),)),
@@ -321,4 +614,47 @@ METHODS: dict[str, Method] = {
                           global_params=(Param("filter_wise", False, kind="bool"),)),
     "passthrough": Method(passthrough, "copy one model (optionally scaled)", n_models=(1, 1),
                           model_params=(Param("scale", 1.0),)),
+    "breadcrumbs": Method(gta("outliers", False),
+                          "Model Breadcrumbs, Davari & Belilovsky 2023 (arXiv 2312.06795)",
+                          needs_base=True, drops=True, model_params=(WEIGHT, DENSITY, GAMMA),
+                          global_params=(NORM_F, LAMBDA, RESC_F, INT8)),
+    "breadcrumbs_ties": Method(gta("outliers", True), "Model Breadcrumbs with TIES, Davari & "
+                               "Belilovsky 2023 (arXiv 2312.06795)", needs_base=True,
+                               drops=True, model_params=(WEIGHT, DENSITY, GAMMA),
+                               global_params=(NORM_F, LAMBDA, RESC_F, INT8)),
+    "della": Method(gta("della", True), "DELLA-Merging, Deep et al. 2024 (arXiv 2406.11617)",
+                    needs_base=True, drops=True, check=della_check,
+                    model_params=(WEIGHT, DENSITY, EPSILON),
+                    global_params=(NORM_T, LAMBDA, RESC_T, INT8)),
+    "della_linear": Method(gta("della", False),
+                           "DELLA-Merging, linear, Deep et al. 2024 (arXiv 2406.11617)",
+                           needs_base=True, drops=True, check=della_check,
+                           model_params=(WEIGHT, DENSITY, EPSILON),
+                           global_params=(NORM_F, LAMBDA, RESC_T, INT8)),
+    "sce": Method(sce, "SCE merging (arXiv 2408.07990)", needs_base=True, drops=True,
+                  global_params=(Param("select_topk", 1.0, 0.0, 1.0), INT8)),
+    "nuslerp": Method(nuslerp, "NuSLERP (mergekit): SLERP of two models or task vectors",
+                      optional_base=True, n_models=(2, 2), model_params=(WEIGHT,),
+                      global_params=(Param("nuslerp_row_wise", False, kind="bool"),
+                                     Param("nuslerp_flatten", True, kind="bool"))),
+    "multislerp": Method(multislerp, "Multi-SLERP, C. Goddard (goddard.blog/posts/"
+                         "multislerp-wow-what-a-cool-idea)", optional_base=True,
+                         model_params=(WEIGHT,), check=multislerp_check,
+                         global_params=(Param("normalize_weights", True, kind="bool"),
+                                        Param("eps", 1e-8, 0.0))),
+    "karcher": Method(karcher, "Karcher mean on the sphere, Karcher 1977; mergekit cites "
+                      "arXiv 2603.04972", optional_base=True,
+                      global_params=(Param("max_iter", 10, 0.0, kind="int"),
+                                     Param("tol", 1e-5, 0.0))),
+    "nearswap": Method(nearswap, "NearSwap, alchemonaut (huggingface.co/alchemonaut/"
+                       "QuartetAnemoi-70B-t0.0001)", needs_base=True, n_models=(1, 1),
+                       global_params=(Param("t", None, 0.0),)),
+    "arcee_fusion": Method(arcee_fusion, "Arcee Fusion, Arcee AI (as in mergekit 0.1.5)",
+                           needs_base=True, n_models=(1, 1), drops=True),
+    "ram": Method(ram, "RAM, Reinforced Agent Merging (arXiv 2601.13572)", needs_base=True,
+                  drops=True, global_params=(Param("epsilon", 1e-5, 0.0),)),
+    "ramplus_tl": Method(ramplus_tl, "RAM+ tensor-local, Reinforced Agent Merging (arXiv "
+                         "2601.13572)", needs_base=True, drops=True,
+                         global_params=(Param("r", 0.1, 0.0), Param("alpha", 0.2, 0.0),
+                                        Param("epsilon", 1e-5, 0.0))),
 }

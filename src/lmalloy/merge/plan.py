@@ -97,8 +97,9 @@ def _open_inputs(cfg: MergeConfig, method) -> tuple[dict, Any, list, list]:
             seen[key] = open_model(p, allow_pickle=cfg.allow_pickle)
     base = seen[str(Path(base_path).resolve())] if base_path else None
     # fine-tunes: the listed models, minus the base where the method treats it specially
+    takes_base = method.needs_base or method.optional_base
     entries = [m for m in cfg.models
-               if not (method.needs_base and base_path
+               if not (takes_base and base_path
                        and Path(m.model).resolve() == Path(base_path).resolve())]
     _check_model_count(cfg, method, entries, base)
     return seen, base, entries, [seen[str(Path(m.model).resolve())] for m in entries]
@@ -113,8 +114,9 @@ def _check_model_count(cfg: MergeConfig, method, entries: list, base) -> None:
     if len(entries) < lo or (hi is not None and len(entries) > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else \
             f"{lo} to {hi}"
+        takes_base = method.needs_base or method.optional_base
         raise UserError(f"`{cfg.method}` takes {want} model(s)"
-                        f"{' besides the base' if method.needs_base else ''}, got {len(entries)}")
+                        f"{' besides the base' if takes_base else ''}, got {len(entries)}")
 
 
 def _check_vocabulary(cfg: MergeConfig, ref, folders) -> Path:
@@ -167,6 +169,8 @@ def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: 
                                    f" of {m.model}") for s in method.model_params}
                   for m in entries]
         glob = {s.name: resolve(s, [cfg.parameters], name, t, "") for s in method.global_params}
+        if method.check is not None and (err := method.check(params, glob)):
+            raise UserError(f"{err} (tensor `{name}`)")
         if method.weights is not None:  # e.g. weights that sum to 0 under normalize
             try:
                 method.weights(params, glob)

@@ -10,7 +10,8 @@
 Inputs are read whole here (`read_input`), their rows aligned with the reference for
 padded vocabularies. A NaN/Inf is named by input and tensor: for methods where any
 non-finite input reaches the output only the output is checked (then the inputs, to name
-the culprit); sparsifying methods could drop it, so their inputs are checked first.
+the culprit); methods that drop entries (`Method.drops`) could lose it, so their inputs
+are checked first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from lmalloy.errors import UserError
 from lmalloy.merge.plan import Plan, TensorPlan
 
 CHUNK = 1 << 20
-SPARSIFYING = ("ties", "dare_ties", "dare_linear")  # a NaN input may be trimmed away
 
 
 def read_input(folder, tp: TensorPlan, ref_t, dtype=None):
@@ -117,11 +117,11 @@ def merge_tensor(p: Plan, tp: TensorPlan, xs, b, *, fn, compute, out_dtype, thre
     import torch
 
     from lmalloy.io.folder import check_finite
-    from lmalloy.merge.methods import TensorCtx
+    from lmalloy.merge.methods import METHODS, TensorCtx
 
     if not tp.merge:
         return p.ref.read(tp.name)
-    if p.cfg.method in SPARSIFYING:
+    if METHODS[p.cfg.method].drops:  # a NaN input may be trimmed away: check the inputs
         for f, x in zip(p.models + ([p.base] if b is not None else []),
                         xs + ([b] if b is not None else []), strict=True):
             if not finite(x):

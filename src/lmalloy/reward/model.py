@@ -144,7 +144,8 @@ def reward_from_causal_lm(path: str | Path, head_seed: int = 0, dtype: str = "fl
     if cfg.pad_token_id is None:
         raise UserError(f"{path}: neither config.json nor the tokenizer names a pad token; "
                         "the reward head reads the last non-padding token and needs one")
-    model = load_sequence_classifier(path, dtype, config=cfg, allow_missing=("score.",))
+    model = load_sequence_classifier(path, dtype, config=cfg, from_causal_lm=not (
+        archs and archs[0].endswith("ForSequenceClassification")))
     if archs and archs[0].endswith("ForSequenceClassification"):
         return model  # already a reward model: keep its head
     head = getattr(model, "score", None)
