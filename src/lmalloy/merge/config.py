@@ -96,6 +96,9 @@ class MergeConfig(DataFields):
         None, description="output dtype (default: the base's, else the first model's)")
     compute_dtype: Literal["float32", "float64"] = Field(
         "float32", description="dtype the method computes in")
+    chat_template: str | None = Field(
+        None, description="the output tokenizer's chat template: `auto` (the reference "
+        "model's, as it is) or the template's Jinja text (mergekit's key)")
     tokenizer_source: str | None = Field(
         None, description="`base` (or a model folder): take the tokenizer from there and merge "
         "embedding rows by id even if the inputs' tokenizers differ")
@@ -140,6 +143,14 @@ class MergeConfig(DataFields):
             return out
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is None or v == "auto" or "{%" in v or "{{" in v:
+            return v
+        raise ValueError(f"expected `auto` or a Jinja template; named templates such as "
+                         f"{v!r} are not built in: give the template's text")
+
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
@@ -175,17 +186,24 @@ class MergeConfig(DataFields):
             data["method"] = data.pop("merge_method")
         if "out_dtype" in data:  # mergekit: dtype = compute dtype, out_dtype = output dtype
             data["dtype"] = data.pop("out_dtype")
-        if "tokenizer" in data and isinstance(data["tokenizer"], dict):
-            src = data.pop("tokenizer").get("source")
-            if src is not None:
-                data["tokenizer_source"] = src
-        if "slices" in data:
-            from lmalloy.errors import UserError
+        from lmalloy.errors import UserError
 
+        tok = data.pop("tokenizer", None)
+        if tok is not None:
+            if not isinstance(tok, dict):
+                raise UserError(f"`tokenizer` must be a mapping such as {{source: base}}, got "
+                                f"{tok!r}")
+            for k in tok:
+                if k != "source":
+                    raise UserError(f"mergekit's `tokenizer.{k}` is not supported by lmalloy "
+                                    f"(only `tokenizer.source`: base, union or a model "
+                                    f"folder){closest(k, ['source'])}")
+            if tok.get("source") is not None:
+                data["tokenizer_source"] = tok["source"]
+        if "slices" in data:
             raise UserError("mergekit `slices` (layer stacking) are not supported; list whole "
                             "models under `models:`")
-        for k in ("chat_template", "name"):
-            data.pop(k, None)
+        data.pop("name", None)  # mergekit's label of one document of a multi-stage merge
         return data
 
 

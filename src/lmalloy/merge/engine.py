@@ -40,6 +40,8 @@ def _write_meta(p: Plan, tmp: Path) -> None:
         copy_aux_files(p.tokenizer_from, tmp, [n for n in (
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")])
+    if p.cfg.chat_template not in (None, "auto"):
+        _set_chat_template(tmp, p.cfg.chat_template)
     head = [f"# written by lmalloy {__version__} merge: {p.cfg.method} "
             f"({METHODS[p.cfg.method].paper})",
             f"# {len(p.tensors)} tensors, {p.bytes_in / 1e6:.1f} MB read, "
@@ -49,6 +51,18 @@ def _write_meta(p: Plan, tmp: Path) -> None:
     (tmp / "merge_config.yaml").write_text("\n".join(head) + "\n" + p.cfg.to_yaml())
     for name, text in p.files.items():
         (tmp / name).write_text(text)
+
+
+def _set_chat_template(folder: Path, template: str) -> None:
+    """The template as `chat_template.jinja` (what transformers 5 reads first) and in
+    tokenizer_config.json."""
+    import json
+
+    (folder / "chat_template.jinja").write_text(template)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def execute_average(p: Plan, bar) -> None:

@@ -15,9 +15,8 @@ from pydantic import Field, field_validator, model_validator
 from lmalloy.config import Config, positional, threads_field
 from lmalloy.data.config import DataFields
 
-# mergekit-moe keys that change nothing here (loading options of its engine)
-_MERGEKIT_IGNORED = {"tokenizer_source", "architecture", "shared_experts", "allow_crimes",
-                     "out_dtype"}
+# the MoE architectures `moe build` writes (mergekit-moe's `architecture:` names them too)
+ARCHITECTURES = ("mixtral",)
 
 
 class Expert(Config):
@@ -49,6 +48,8 @@ class MoeBuildConfig(Config):
                          "expert copy of W")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="output dtype (default: the base's)")
+    architecture: str = Field("mixtral", description="the MoE architecture written: "
+                              + ", ".join(ARCHITECTURES))
     layout: Literal["per_expert", "fused"] = Field(
         "per_expert", description="per_expert: `block_sparse_moe.experts.N.w1/w2/w3` as "
         "transformers' save_pretrained writes Mixtral (also read by transformers 4.x, vLLM, "
@@ -66,6 +67,16 @@ class MoeBuildConfig(Config):
     def _experts(cls, v):
         if isinstance(v, list):
             return [{"source_model": e} if isinstance(e, str) else e for e in v]
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        from lmalloy.errors import closest
+
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown MoE architecture `{v}`{closest(v, ARCHITECTURES)}; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
         return v
 
     @field_validator("experts_per_token")
@@ -119,10 +130,25 @@ class MoeBuildConfig(Config):
 
     @classmethod
     def from_file_data(cls, data: dict) -> dict:
-        """mergekit-moe's YAML -> this config: drop its engine-only keys."""
-        data = {k: v for k, v in data.items() if k not in _MERGEKIT_IGNORED}
+        """mergekit-moe's YAML -> this config: its keys mapped, or refused by name."""
+        from lmalloy.errors import UserError
+
+        data = dict(data)
         if data.get("gate_mode") in ("hidden_avg", "hidden_last"):
             data["gate_mode"] = "hidden"
+        if "out_dtype" in data:  # mergekit-moe: the output dtype
+            data["dtype"] = data.pop("out_dtype")
+        src = data.pop("tokenizer_source", None)
+        if src not in (None, "base", data.get("base_model")):
+            raise UserError(f"`tokenizer_source: {src}`: `moe build` keeps the base's "
+                            "tokenizer (every expert must share it); use `base` or omit it")
+        if data.pop("allow_crimes", False):
+            raise UserError("`allow_crimes: true`: `moe build` does not mix architectures; "
+                            "every expert must be a fine-tune of the base")
+        if data.get("shared_experts"):
+            raise UserError("`shared_experts` needs an MoE architecture with shared experts; "
+                            f"`moe build` writes {', '.join(ARCHITECTURES)}")
+        data.pop("shared_experts", None)
         return data
 
 
