@@ -35,15 +35,16 @@ def settings(ctx, seq_len: int) -> dict:
 def _eval_all(models: dict[str, str], tokenizer: str, s: dict, domains: list[str],
               max_tokens: int) -> dict[str, dict[str, float]]:
     """Held-out loss per domain (the fine-tunes' own validation split) for every model."""
+    from lmalloy.data.cache import packed
     from lmalloy.data.corpus import load_corpus
-    from lmalloy.data.pack import load_tokens, pack
+    from lmalloy.data.pack import load_tokens
     from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import cache_dir, evaluate, load_causal_lm
+    from lmalloy.io.models import load_causal_lm
+    from lmalloy.train.heldout import evaluate
 
     tok = Tok.load(tokenizer)
     corpus = load_corpus(s["data"], domains, [], s["max_chars_per_domain"], quiet=True)
-    folder = cache_dir() / "packed" / tok.fingerprint()
-    meta = pack(corpus, tok, folder, s["val_fraction"], s["seed"])
+    folder, meta = packed(corpus, tok, s["val_fraction"], s["seed"])
     tokens = load_tokens(folder, "val", meta)
     tb = tok.token_bytes()
     out = {}
@@ -56,6 +57,14 @@ def _eval_all(models: dict[str, str], tokenizer: str, s: dict, domains: list[str
             out[name][d] = r["loss"]
         del model
     return out
+
+
+def greedy_choice(merged: Path, experts: dict[str, str]) -> list[str]:
+    """The domains whose experts greedy soup kept, from its `greedy_soup.json`, in the
+    order of `experts` ({domain: model folder})."""
+    chosen = {Path(m).resolve() for m in json.loads((Path(merged) / "greedy_soup.json")
+                                                    .read_text())["chosen"]}
+    return [d for d, m in experts.items() if Path(m).resolve() in chosen]
 
 
 def _plot(losses: dict, domains: list[str], path: Path) -> None:
@@ -93,7 +102,7 @@ def run(ctx) -> dict:
     experts = {}
     for d in EXPERT_DOMAINS:
         out = work / f"expert-{d}"
-        ctx.call("finetune", init_from=base, out=str(out), domains=[d], overwrite=True,
+        ctx.call("finetune", base_model=base, out=str(out), domains=[d], overwrite=True,
                  threads=ctx.threads, **s)
         experts[d] = str(out / "final")
     fts = [experts[d] for d in EXPERT_DOMAINS]
@@ -101,7 +110,7 @@ def run(ctx) -> dict:
 
     def merge(name: str, **fields) -> None:
         out = work / f"merged-{name}"
-        ctx.call("merge", output=str(out), overwrite=True, progress=False, **fields)
+        ctx.call("merge", out=str(out), overwrite=True, progress=False, **fields)
         merges[name] = str(out)
 
     merge("soup", method="soup", models=fts)
@@ -116,9 +125,7 @@ def run(ctx) -> dict:
           domains=EXPERT_DOMAINS, max_chars_per_domain=s["max_chars_per_domain"],
           val_fraction=s["val_fraction"], seq_len=s["seq_len"],
           eval_tokens=eval_tokens * len(EXPERT_DOMAINS))
-    chosen = [ln for ln in (Path(merges["greedy soup"]) / "merge_config.yaml").read_text()
-              .splitlines() if "greedy_soup chose:" in ln][0].split("chose: ")[1].split(", ")
-    chosen_domains = [d for d in EXPERT_DOMAINS if experts[d] in chosen]
+    chosen_domains = greedy_choice(Path(merges["greedy soup"]), experts)
 
     models = {"base": base, **{f"expert {d}": experts[d] for d in EXPERT_DOMAINS}, **merges}
     losses = _eval_all(models, pre["tokenizer"], s, EXPERT_DOMAINS, eval_tokens)

@@ -42,7 +42,7 @@ def _finetune_experts(ctx, base: str, s: dict) -> dict[str, str]:
     for d in EXPERT_DOMAINS:
         run = ctx.dir("moe") / f"expert-{d}"
         if not (run / "final" / "config.json").is_file():
-            ctx.call("finetune", init_from=base, out=str(run), overwrite=True,
+            ctx.call("finetune", base_model=base, out=str(run), overwrite=True,
                      data=["stdlib"], domains=[d], max_chars_per_domain=s["max_chars_per_domain"],
                      val_fraction=s["val_fraction"], seed=s["seed"], seq_len=s["seq_len"],
                      global_batch_tokens=s["global_batch_tokens"],
@@ -206,7 +206,7 @@ def run(ctx) -> dict:
 
     # -- router fine-tuning of the composed MoE on the mixed domains (routers only)
     tuned_run = work / "composed-router-ft"
-    ctx.call("finetune", init_from=str(work / "composed"), out=str(tuned_run), overwrite=True,
+    ctx.call("finetune", base_model=str(work / "composed"), out=str(tuned_run), overwrite=True,
              train_only=["mlp.gate"], data=["stdlib"], domains=domains,
              max_chars_per_domain=s["max_chars_per_domain"], val_fraction=s["val_fraction"],
              seed=s["seed"], seq_len=s["seq_len"], global_batch_tokens=s["global_batch_tokens"],

@@ -147,8 +147,8 @@ def run(ctx) -> dict:
               eval_every=10_000, eval_tokens=ctx.pick(4096, 8192), log_every=5,
               keep_checkpoints=1, seed=0)
     secs["fine-tune small"] = _train(ctx, "finetune", root / "small_expert",
-                                     init_from=str(small), **ft)
-    secs["fine-tune large"] = _train(ctx, "finetune", root / "large_tuned", init_from=large,
+                                     base_model=str(small), **ft)
+    secs["fine-tune large"] = _train(ctx, "finetune", root / "large_tuned", base_model=large,
                                      **ft)
     t0 = time.perf_counter()
     small_expert, large_tuned = root / "small_expert" / "final", root / "large_tuned" / "final"

@@ -28,7 +28,7 @@ def settings(ctx) -> dict:
         num_models=4, label_noise=0.25,
         train_pairs=ctx.pick(96, 160), test_pairs=ctx.pick(48, 80),
         lr=ctx.pick([3e-4, 1e-3], [2e-4, 8e-4]), dropout=[0.0, 0.1],
-        epochs=ctx.pick(1.0, 2.0), batch_size=16, max_len=96,
+        epochs=ctx.pick(1.0, 2.0), batch_size=16, seq_len=96,
         gold_lr=ctx.pick(1e-3, 4e-4), gold_epochs=2.0,
         bon_n=ctx.pick(4, 8), bon_prompts=ctx.pick(8, 24), max_new_tokens=ctx.pick(16, 24),
         max_chars_per_domain=ctx.pick(20_000, 60_000),
@@ -86,21 +86,21 @@ def run(ctx) -> dict:
     }
     for name, f in files.items():
         ctx.call("reward data", out=str(d / f"{name}.jsonl"), **common, **f)
-    train_common = dict(init_from=[base], batch_size=s["batch_size"], max_len=s["max_len"],
+    train_common = dict(base_model=[base], batch_size=s["batch_size"], seq_len=s["seq_len"],
                         overwrite=True, threads=ctx.threads, progress=False)
-    ctx.call("reward train", data=[str(d / "train.jsonl")], out=str(d / "rms"),
+    ctx.call("reward train", pairs=[str(d / "train.jsonl")], out=str(d / "rms"),
              num_models=s["num_models"], lr=s["lr"], dropout=s["dropout"],
              epochs=s["epochs"], **train_common)
-    ctx.call("reward train", data=[str(d / "gold_train.jsonl")], out=str(d / "gold"),
+    ctx.call("reward train", pairs=[str(d / "gold_train.jsonl")], out=str(d / "gold"),
              num_models=1, lr=[s["gold_lr"]], epochs=s["gold_epochs"], seed=100,
              **train_common)
     ctx.call("reward warm", models=[str(d / "rms")], out=str(d / "warm"), overwrite=True)
     tests = ["in_distribution", "ood_domains", "ood_corruptions"]
     ctx.call("reward eval", models=[str(d / "rms")], warm=str(d / "warm"),
-             data=[str(d / f"{t}.jsonl") for t in tests], train_data=str(d / "train.jsonl"),
+             pairs=[str(d / f"{t}.jsonl") for t in tests], train_pairs=str(d / "train.jsonl"),
              policy=base, gold=str(d / "gold" / "rm-00"), bon_n=s["bon_n"],
              bon_prompts=s["bon_prompts"], max_new_tokens=s["max_new_tokens"],
-             max_len=s["max_len"], out=str(d / "results.json"), threads=ctx.threads)
+             seq_len=s["seq_len"], out=str(d / "results.json"), threads=ctx.threads)
     res = json.loads((d / "results.json").read_text())
     train_meta = json.loads((d / "rms" / "reward_train.json").read_text())
     return report(ctx, s, res, train_meta, tests)
