@@ -90,3 +90,11 @@ def test_greedy_choice_reads_greedy_soup_json(tmp_path):
         "scores": {m: 1.0 for m in experts.values()}, "order": list(experts.values()),
         "steps": [], "chosen": chosen, "soup_loss": 1.0}))
     assert greedy_choice(merged, experts) == ["email", "http"]
+
+
+def test_report_rerun_hint_names_mode_and_folder(tmp_path):
+    from lmalloy.demo.run import DemoContext, write
+
+    write(DemoContext(tmp_path, quick=True, threads=None))
+    hint = f"`lmalloy demo --quick --out {tmp_path} --stages NAME --rerun`"
+    assert hint in (tmp_path / "report.md").read_text()

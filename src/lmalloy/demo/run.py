@@ -107,10 +107,13 @@ def write(ctx: DemoContext) -> Path:
             sections.append({"title": r["title"], "markdown": r["markdown"]
                              + f"\n\nStage time: {r.get('seconds', 0):.0f} s."})
     mode = "quick (CI-sized models and budgets)" if ctx.quick else "full"
+    flags = "--quick " if ctx.quick else ""
+    if ctx.out.resolve() != Path(default_out(ctx.quick)).resolve():
+        flags += f"--out {ctx.out} "
     intro = (f"Every number below was measured by this run ({mode} mode) on the built-in "
              f"corpus: the Python standard library of the interpreter that ran it. "
              f"Stages so far took {total / 60:.1f} minutes. Re-run one stage with "
-             f"`lmalloy demo --stages NAME --rerun`.")
+             f"`lmalloy demo {flags}--stages NAME --rerun`.")
     return write_report(ctx.out, "lmalloy demo report", intro, sections)
 
 
