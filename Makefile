@@ -1,6 +1,7 @@
 # make demo  — the end-to-end demo on the built-in corpus (writes runs/demo/report.html)
+# make quick — the same with tiny models in a few minutes (writes runs/demo-quick/report.html)
 # make test  — the test suite
-# Both create .venv when missing and install the CPU torch pin plus lmalloy and its test deps.
+# Each creates .venv when missing and installs the CPU torch pin plus lmalloy and its test deps.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -8,7 +8,8 @@ from lmalloy.config import Config, threads_field
 
 
 class DemoConfig(Config):
-    out: str = Field("runs/demo", description="demo folder (stages' models, report)")
+    out: str | None = Field(None, description="demo folder (stages' models, report); "
+                            "default runs/demo, with --quick runs/demo-quick")
     quick: bool = Field(False, description="the same pipeline with tiny models and budgets "
                         "(under 3 minutes; for CI)")
     stages: list[str] | None = Field(None, description="run only these stages (earlier stages "

@@ -83,9 +83,11 @@ def write_report(out: Path, title: str, intro: str, sections: list[dict]) -> Pat
     md = [f"# {title}", "", intro, ""]
     for s in sections:
         md += [f"## {s['title']}", "", s["markdown"].strip(), ""]
+    from lmalloy.io.writer import atomic_write_text
+
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
+    atomic_write_text(out / "report.md", text)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{CSS}</style></head><body>{md_to_html(text)}</body></html>")
-    (out / "report.html").write_text(page)
+    atomic_write_text(out / "report.html", page)
     return out / "report.html"

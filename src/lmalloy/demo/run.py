@@ -78,6 +78,8 @@ class DemoContext:
 
 
 def run_stage(ctx: DemoContext, name: str) -> dict:
+    from lmalloy.io.writer import atomic_write_text
+
     mod = importlib.import_module(STAGES[name])
     print(f"\n== demo stage: {name} — {mod.TITLE}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -85,8 +87,7 @@ def run_stage(ctx: DemoContext, name: str) -> dict:
     res["title"] = mod.TITLE
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res.setdefault("numbers", {})
-    ctx.result_path(name).parent.mkdir(parents=True, exist_ok=True)
-    ctx.result_path(name).write_text(json.dumps(res, indent=1))
+    atomic_write_text(ctx.result_path(name), json.dumps(res, indent=1))
     ctx.results[name] = res
     write(ctx)
     print(f"== {name} done in {res['seconds']:.0f}s", file=sys.stderr)
@@ -106,33 +107,57 @@ def write(ctx: DemoContext) -> Path:
             sections.append({"title": r["title"], "markdown": r["markdown"]
                              + f"\n\nStage time: {r.get('seconds', 0):.0f} s."})
     mode = "quick (CI-sized models and budgets)" if ctx.quick else "full"
+    flags = "--quick " if ctx.quick else ""
+    if ctx.out.resolve() != Path(default_out(ctx.quick)).resolve():
+        flags += f"--out {ctx.out} "
     intro = (f"Every number below was measured by this run ({mode} mode) on the built-in "
              f"corpus: the Python standard library of the interpreter that ran it. "
              f"Stages so far took {total / 60:.1f} minutes. Re-run one stage with "
-             f"`lmalloy demo --stages NAME --rerun`.")
+             f"`lmalloy demo {flags}--stages NAME --rerun`.")
     return write_report(ctx.out, "lmalloy demo report", intro, sections)
 
 
-def main(cfg) -> int:
-    import torch
+def default_out(quick: bool) -> str:
+    """Each mode has its own folder, so a quick run never meets a full one by default."""
+    return "runs/demo-quick" if quick else "runs/demo"
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+
+def _mode_name(quick: bool) -> str:
+    return "quick" if quick else "full"
+
+
+def prepare_out(out: Path, quick: bool) -> None:
+    """Create `out` and mark its mode, before any work. A folder that holds a run of the
+    other mode is refused (its models and results would mix with this run's), never
+    deleted; an unusable folder is one line, not a traceback."""
+    from lmalloy.errors import UserError
+    from lmalloy.io.writer import atomic_write_text
+
+    marker = out / "mode.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        held = json.loads(marker.read_text())["quick"] if marker.is_file() else quick
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot use this folder: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"--out {out}: {marker} is not a demo mode file; remove it or choose "
+                        "another --out") from None
+    if held != quick:
+        other = default_out(quick)
+        if Path(other).resolve() == out.resolve():
+            other = f"{out}-{_mode_name(quick)}"
+        raise UserError(f"--out {out} holds a {_mode_name(held)} run of the demo; run the "
+                        f"{_mode_name(quick)} demo into another folder (e.g. --out {other}) "
+                        f"or remove {out} first")
+    atomic_write_text(marker, json.dumps({"quick": quick}))  # also proves `out` is writable
+
+
+def main(cfg) -> int:
     for s in cfg.stages or []:
         if s not in STAGES:
             raise unknown("demo stage", s, STAGES)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / "mode.json"
-    mode = {"quick": cfg.quick}
-    if marker.is_file() and json.loads(marker.read_text()) != mode:
-        import shutil
-
-        print(f"demo: {out} holds a {'quick' if not cfg.quick else 'full'} run; starting over",
-              file=sys.stderr)
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
-    marker.write_text(json.dumps(mode))
+    out = Path(cfg.out or default_out(cfg.quick))
+    prepare_out(out, cfg.quick)  # (--threads is set by the CLI, as for every command)
     chosen = cfg.stages or list(STAGES)
     ctx = DemoContext(out, cfg.quick, cfg.threads, cfg.rerun, set(chosen))
     t0 = time.perf_counter()

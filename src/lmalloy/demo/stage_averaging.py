@@ -11,7 +11,6 @@ which each first reaches two loss levels, the final losses, and whether averagin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 TITLE = "Weight averaging during pretraining (EMA, SWA, LaWA): does it reach a loss sooner?"
@@ -58,7 +57,9 @@ def plot_curves(records: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(ctx) -> dict:
+def _train(ctx) -> tuple[Path, dict, dict]:
+    """One high-lr pretraining run with EMA, SWA and LaWA kept beside the raw weights.
+    Returns (run folder, its settings, the averaging settings)."""
     from lmalloy.demo import stage_pretrain
 
     tokenizer = ctx.require("pretrain")["numbers"]["tokenizer"]
@@ -77,39 +78,77 @@ def run(ctx) -> dict:
     run_dir = ctx.out / "averaging"
     ctx.call("pretrain", out=str(run_dir), overwrite=True, threads=ctx.threads,
              tokenizer=tokenizer, **s, **averaging)
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval" in r]
+    return run_dir, s, averaging
+
+
+def loss_table(evals: list[dict]) -> tuple[list[dict], dict[str, float]]:
+    """(per set of weights: first steps at two loss levels, final and best loss; the two
+    levels). The levels: the raw model's loss at 40% of the run, and the lowest loss that
+    every curve reaches (the best of the worst), so each column is defined for all."""
     final = {n: evals[-1]["eval"][n]["loss"] for n in NAMES if n in evals[-1]["eval"]}
-    # two loss levels: the raw model's at 40% of the run, and the lowest loss every curve
-    # reaches (the best of the worst), so that each column is defined for all of them
     early = evals[max(0, int(0.4 * len(evals)) - 1)]["eval"]["raw"]["loss"]
     late = max(min(r["eval"][n]["loss"] for r in evals if n in r["eval"]) for n in final)
     rows = []
-    for n in NAMES:
-        if n in final:
-            rows.append({"name": n, "early": first_step_below(evals, n, early),
-                         "late": first_step_below(evals, n, late), "final": final[n],
-                         "best": min(r["eval"][n]["loss"] for r in evals if n in r["eval"])})
-    img = ctx.dir("figures") / "averaging_curves.png"
-    plot_curves(records, img, f"Peak lr {s['lr']}: raw weights vs their averages")
+    for n in final:
+        rows.append({"name": n, "early": first_step_below(evals, n, early),
+                     "late": first_step_below(evals, n, late), "final": final[n],
+                     "best": min(r["eval"][n]["loss"] for r in evals if n in r["eval"])})
+    return rows, {"early": early, "late": late}
 
-    raw = final["raw"]
+
+def _verdict(rows: list[dict], late: float) -> tuple[str, bool, float]:
+    """(the verdict line, whether averaging helped, the best average's final gain)."""
+    raw = next(r for r in rows if r["name"] == "raw")
     best = min((r for r in rows if r["name"] != "raw"), key=lambda r: r["final"])
-    gain = raw - best["final"]
-    raw_late = next(r["late"] for r in rows if r["name"] == "raw")
+    gain = raw["final"] - best["final"]
+    raw_late = raw["late"]
     earlier = [r for r in rows if r["name"] != "raw" and r["late"] is not None
                and raw_late is not None and r["late"] < raw_late]
     helped = gain > 0.005 or bool(earlier)
+    if not helped:
+        return (f"> No, averaging did not help in this run: the raw weights end at "
+                f"{raw['final']:.3f} and the best average ({best['name'].upper()}) at "
+                f"{best['final']:.3f} ({-gain:+.3f} nats/token), and no average reached "
+                f"loss {late:.3f} before the raw weights did. While the loss still falls "
+                f"steeply, an average lags behind the moving weights more than it gains "
+                f"from cancelling their noise; Sanyal et al.'s gains came from runs "
+                f"thousands of steps long.", helped, gain)
+    bits = []
+    if gain > 0.005:
+        bits.append(f"{best['name'].upper()} ends {gain:.3f} nats/token below the raw "
+                    f"weights ({best['final']:.3f} vs {raw['final']:.3f})")
+    if earlier:
+        e = min(earlier, key=lambda r: r["late"])
+        bits.append(f"{e['name'].upper()} reaches loss {late:.3f} at step {e['late']}, "
+                    f"the raw weights at step {raw_late} "
+                    f"({100 * (1 - e['late'] / raw_late):.0f}% fewer steps)")
+    return "> Yes, averaging helped in this run: " + "; ".join(bits) + ".", helped, gain
+
+
+def run(ctx) -> dict:
+    from lmalloy.io.runs import METRICS_FILE
+    from lmalloy.train.plot import read_metrics
+
+    run_dir, s, averaging = _train(ctx)
+    records = read_metrics(run_dir / METRICS_FILE)
+    evals = [r for r in records if "eval" in r]
+    rows, targets = loss_table(evals)
+    early, late = targets["early"], targets["late"]
+    final = {r["name"]: r["final"] for r in rows}
+    img = ctx.dir("figures") / "averaging_curves.png"
+    plot_curves(records, img, f"Peak lr {s['lr']}: raw weights vs their averages")
+    verdict, helped, gain = _verdict(rows, late)
     fmt = lambda v: "—" if v is None else str(v)  # noqa: E731
     md = [
-        f"One pretraining run of the `{s['preset']}` preset ({steps} steps of "
+        f"One pretraining run of the `{s['preset']}` preset ({s['max_steps']} steps of "
         f"{s['global_batch_tokens']:,} tokens, the pretraining stage's corpus and tokenizer) "
         f"with a high peak learning rate ({s['lr']}, warmup {s['warmup_steps']}, cosine to "
         f"lr/10), with three averages of its weights kept in fp32: **EMA** (decay "
         f"{averaging['ema']['decay']}), **SWA** (equal-weight mean of every 2nd step from "
-        f"half-way), **LaWA** (mean of the latest 5 snapshots, {every} steps apart, from "
-        f"the start — Sanyal et al.'s recipe scaled down). All four models are evaluated on "
-        f"the same {s['eval_tokens']:,} validation tokens every {s['eval_every']} steps.",
+        f"half-way), **LaWA** (mean of the latest 5 snapshots, {averaging['lawa']['every']} "
+        f"steps apart, from the start — Sanyal et al.'s recipe scaled down). All four models "
+        f"are evaluated on the same {s['eval_tokens']:,} validation tokens every "
+        f"{s['eval_every']} steps.",
         "",
         f"![validation loss of the raw weights and their averages](figures/{img.name})",
         "",
@@ -120,28 +159,9 @@ def run(ctx) -> dict:
     for r in rows:
         md.append(f"| {r['name']} | {fmt(r['early'])} | {fmt(r['late'])} | "
                   f"{r['final']:.4f} | {r['best']:.4f} |")
-    md.append("")
-    if helped:
-        bits = []
-        if gain > 0.005:
-            bits.append(f"{best['name'].upper()} ends {gain:.3f} nats/token below the raw "
-                        f"weights ({best['final']:.3f} vs {raw:.3f})")
-        if earlier:
-            e = min(earlier, key=lambda r: r["late"])
-            bits.append(f"{e['name'].upper()} reaches loss {late:.3f} at step {e['late']}, "
-                        f"the raw weights at step {raw_late} "
-                        f"({100 * (1 - e['late'] / raw_late):.0f}% fewer steps)")
-        md.append("> Yes, averaging helped in this run: " + "; ".join(bits) + ".")
-    else:
-        md.append(f"> No, averaging did not help in this run: the raw weights end at "
-                  f"{raw:.3f} and the best average ({best['name'].upper()}) at "
-                  f"{best['final']:.3f} ({-gain:+.3f} nats/token), and no average reached "
-                  f"loss {late:.3f} before the raw weights did. While the loss still falls "
-                  f"steeply, an average lags behind the moving weights more than it gains "
-                  f"from cancelling their noise; Sanyal et al.'s gains came from runs "
-                  f"thousands of steps long.")
+    md += ["", verdict]
     return {"markdown": "\n".join(md), "numbers": {
         "run": str(run_dir), "models": {n: str(run_dir / "final" / n) for n in final
                                         if n != "raw"},
-        "final_loss": final, "targets": {"early": early, "late": late}, "rows": rows,
-        "lr": s["lr"], "steps": steps, "helped": helped, "gain_nats": gain}}
+        "final_loss": final, "targets": targets, "rows": rows,
+        "lr": s["lr"], "steps": s["max_steps"], "helped": helped, "gain_nats": gain}}

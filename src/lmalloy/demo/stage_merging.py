@@ -35,27 +35,20 @@ def settings(ctx, seq_len: int) -> dict:
 def _eval_all(models: dict[str, str], tokenizer: str, s: dict, domains: list[str],
               max_tokens: int) -> dict[str, dict[str, float]]:
     """Held-out loss per domain (the fine-tunes' own validation split) for every model."""
-    from lmalloy.data.corpus import load_corpus
-    from lmalloy.data.pack import load_tokens, pack
-    from lmalloy.data.tokenizer import Tok
-    from lmalloy.eval.perplexity import cache_dir, evaluate, load_causal_lm
+    from lmalloy.demo.common import evaluate_models, heldout
 
-    tok = Tok.load(tokenizer)
-    corpus = load_corpus(s["data"], domains, [], s["max_chars_per_domain"], quiet=True)
-    folder = cache_dir() / "packed" / tok.fingerprint()
-    meta = pack(corpus, tok, folder, s["val_fraction"], s["seed"])
-    tokens = load_tokens(folder, "val", meta)
-    tb = tok.token_bytes()
-    out = {}
-    for name, path in models.items():
-        model = load_causal_lm(path)
-        out[name] = {}
-        for d in domains:
-            r = evaluate(model, tokens, {d: tuple(meta["domains"][d]["val"])}, s["seq_len"],
-                         max_tokens, tb, batch_size=8)
-            out[name][d] = r["loss"]
-        del model
-    return out
+    data = heldout(tokenizer, domains, s["max_chars_per_domain"], s["val_fraction"], s["seed"],
+                   s["data"])
+    res = evaluate_models(models, data, s["seq_len"], max_tokens, per_domain=True)
+    return {name: {d: r[d]["loss"] for d in domains} for name, r in res.items()}
+
+
+def greedy_choice(merged: Path, experts: dict[str, str]) -> list[str]:
+    """The domains whose experts greedy soup kept, from its `greedy_soup.json`, in the
+    order of `experts` ({domain: model folder})."""
+    chosen = {Path(m).resolve() for m in json.loads((Path(merged) / "greedy_soup.json")
+                                                    .read_text())["chosen"]}
+    return [d for d, m in experts.items() if Path(m).resolve() in chosen]
 
 
 def _plot(losses: dict, domains: list[str], path: Path) -> None:
@@ -82,55 +75,60 @@ def _plot(losses: dict, domains: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def run(ctx) -> dict:
+def _finetune_experts(ctx, base: str, s: dict, work: Path) -> dict[str, str]:
+    """{domain: expert HF folder}: the base fine-tuned on each expert domain alone."""
     from lmalloy.demo.run import EXPERT_DOMAINS
 
-    pre = ctx.require("pretrain")["numbers"]
-    base = pre["model"]
-    run_cfg = yaml.safe_load((Path(base).parent / "config.yaml").read_text())
-    s = settings(ctx, int(run_cfg["seq_len"]))
-    work = ctx.dir("merging")
     experts = {}
     for d in EXPERT_DOMAINS:
         out = work / f"expert-{d}"
-        ctx.call("finetune", init_from=base, out=str(out), domains=[d], overwrite=True,
+        ctx.call("finetune", base_model=base, out=str(out), domains=[d], overwrite=True,
                  threads=ctx.threads, **s)
         experts[d] = str(out / "final")
-    fts = [experts[d] for d in EXPERT_DOMAINS]
+    return experts
+
+
+def _merge_all(ctx, base: str, experts: dict[str, str], s: dict, work: Path,
+               eval_tokens: int) -> dict[str, str]:
+    """{merge name: HF folder}: soup, task arithmetic (a λ sweep), TIES and greedy soup."""
+    fts = list(experts.values())
     merges: dict[str, str] = {}
 
     def merge(name: str, **fields) -> None:
         out = work / f"merged-{name}"
-        ctx.call("merge", output=str(out), overwrite=True, progress=False, **fields)
+        ctx.call("merge", out=str(out), overwrite=True, progress=False, **fields)
         merges[name] = str(out)
 
     merge("soup", method="soup", models=fts)
-    lambdas = ctx.pick([0.5, 1.0], [0.3, 0.5, 0.7, 1.0])
-    for lam in lambdas:
+    for lam in ctx.pick([0.5, 1.0], [0.3, 0.5, 0.7, 1.0]):
         merge(f"task arithmetic λ={lam}", method="task_arithmetic", base_model=base, models=fts,
               parameters={"weight": 1.0, "lambda": lam})
     merge("TIES (density 0.5)", method="ties", base_model=base, models=fts,
           parameters={"weight": 1.0, "density": 0.5})
-    eval_tokens = ctx.pick(1024, 8192)
     merge("greedy soup", method="greedy_soup", models=fts, data=s["data"],
-          domains=EXPERT_DOMAINS, max_chars_per_domain=s["max_chars_per_domain"],
+          domains=list(experts), max_chars_per_domain=s["max_chars_per_domain"],
           val_fraction=s["val_fraction"], seq_len=s["seq_len"],
-          eval_tokens=eval_tokens * len(EXPERT_DOMAINS))
-    chosen = [ln for ln in (Path(merges["greedy soup"]) / "merge_config.yaml").read_text()
-              .splitlines() if "greedy_soup chose:" in ln][0].split("chose: ")[1].split(", ")
-    chosen_domains = [d for d in EXPERT_DOMAINS if experts[d] in chosen]
+          eval_tokens=eval_tokens * len(experts))
+    return merges
 
-    models = {"base": base, **{f"expert {d}": experts[d] for d in EXPERT_DOMAINS}, **merges}
-    losses = _eval_all(models, pre["tokenizer"], s, EXPERT_DOMAINS, eval_tokens)
-    gains = {}  # share of each expert's own-domain gain that a merge keeps
+
+def gain_kept(losses: dict[str, dict[str, float]], merges, domains: list[str]
+              ) -> dict[str, dict[str, float]]:
+    """(base loss − merge loss) / (base loss − expert loss) per merge, on each expert's own
+    domain; NaN where the expert is no better than the base."""
+    gains = {}
     for name in merges:
         gains[name] = {}
-        for d in EXPERT_DOMAINS:
+        for d in domains:
             full = losses["base"][d] - losses[f"expert {d}"][d]
             got = losses["base"][d] - losses[name][d]
             gains[name][d] = got / full if full > 0 else float("nan")
-    img = ctx.dir("figures") / "merging_losses.png"
-    _plot(losses, EXPERT_DOMAINS, img)
+    return gains
+
+
+def _table(s: dict, losses: dict, gains: dict, eval_tokens: int) -> list[str]:
+    """The setup paragraph and the per-model table (markdown lines)."""
+    from lmalloy.demo.run import EXPERT_DOMAINS
 
     md = [
         "Three experts fine-tuned from the pretrained base ("
@@ -152,9 +150,14 @@ def run(ctx) -> dict:
             gains[name][d]) else ("—" if name in gains else "") for d in EXPERT_DOMAINS]
         md.append(f"| {name} | " + " | ".join(f"{math.exp(row[d]):.2f}" for d in EXPERT_DOMAINS)
                   + f" | {mean:.3f} | " + " | ".join(kept) + " |")
-    md += ["", f"![losses per domain](figures/{img.name})", "",
-           f"Greedy soup kept the experts for: {', '.join(chosen_domains)} (selected on the "
-           f"same held-out split it is reported on, so its row is slightly optimistic).", ""]
+    return md
+
+
+def _verdict(losses: dict, gains: dict, merges) -> tuple[list[str], str, bool]:
+    """(markdown lines, the best merge by mean loss, whether it keeps most of every gain)."""
+    from lmalloy.demo.run import EXPERT_DOMAINS
+
+    md = []
     mean_loss = {n: sum(r.values()) / len(r) for n, r in losses.items()}
     best = min(merges, key=lambda n: mean_loss[n])
     improved = [d for d in EXPERT_DOMAINS if not math.isnan(gains[best][d])]
@@ -177,6 +180,33 @@ def run(ctx) -> dict:
            "expert's specialisation for coverage of all three domains.")
         + f" Mean loss over the three domains: base {mean_loss['base']:.3f}, best merge "
         f"{mean_loss[best]:.3f}, each expert on its own domain {experts_mean:.3f}.")
+    return md, best, most
+
+
+def run(ctx) -> dict:
+    from lmalloy.demo.run import EXPERT_DOMAINS
+
+    pre = ctx.require("pretrain")["numbers"]
+    base = pre["model"]
+    run_cfg = yaml.safe_load((Path(base).parent / "config.yaml").read_text())
+    s = settings(ctx, int(run_cfg["seq_len"]))
+    work = ctx.dir("merging")
+    eval_tokens = ctx.pick(1024, 8192)
+    experts = _finetune_experts(ctx, base, s, work)
+    merges = _merge_all(ctx, base, experts, s, work, eval_tokens)
+    chosen_domains = greedy_choice(Path(merges["greedy soup"]), experts)
+
+    models = {"base": base, **{f"expert {d}": experts[d] for d in EXPERT_DOMAINS}, **merges}
+    losses = _eval_all(models, pre["tokenizer"], s, EXPERT_DOMAINS, eval_tokens)
+    gains = gain_kept(losses, merges, EXPERT_DOMAINS)
+    img = ctx.dir("figures") / "merging_losses.png"
+    _plot(losses, EXPERT_DOMAINS, img)
+    verdict, best, most = _verdict(losses, gains, merges)
+    md = [*_table(s, losses, gains, eval_tokens),
+          "", f"![losses per domain](figures/{img.name})", "",
+          f"Greedy soup kept the experts for: {', '.join(chosen_domains)} (selected on the "
+          f"same held-out split it is reported on, so its row is slightly optimistic).", "",
+          *verdict]
     return {"markdown": "\n".join(md), "numbers": {
         "base": base, "tokenizer": pre["tokenizer"], "experts": experts, "merges": merges,
         "seq_len": s["seq_len"], "losses": losses, "gain_kept": gains, "best_merge": best,

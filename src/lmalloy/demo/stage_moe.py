@@ -1,7 +1,6 @@
 """Demo stage: sparse mixtures of experts built from the dense domain experts.
 
-From the base and the domain experts of the merging stage (or, while that stage is
-absent, experts fine-tuned here the same way): upcycle the base (Sparse Upcycling: at
+From the base and the domain experts of the merging stage: upcycle the base (Sparse Upcycling: at
 initialisation it must compute exactly the base), compose the experts as mergekit-moe
 does (attention from the base, one FFN per expert, routers from the base's hidden states
 on prompts from each domain), build the Branch-Train-MiX variant (non-FFN averaged), and
@@ -34,42 +33,18 @@ def settings(ctx) -> dict:
                 n_prompts=3, prompt_chars=ctx.pick(200, 300))
 
 
-def _finetune_experts(ctx, base: str, s: dict) -> dict[str, str]:
-    """Fallback while no merging stage exists: one quick fine-tune of the base per domain."""
-    from lmalloy.demo.run import EXPERT_DOMAINS
-
-    out = {}
-    for d in EXPERT_DOMAINS:
-        run = ctx.dir("moe") / f"expert-{d}"
-        if not (run / "final" / "config.json").is_file():
-            ctx.call("finetune", init_from=base, out=str(run), overwrite=True,
-                     data=["stdlib"], domains=[d], max_chars_per_domain=s["max_chars_per_domain"],
-                     val_fraction=s["val_fraction"], seed=s["seed"], seq_len=s["seq_len"],
-                     global_batch_tokens=s["global_batch_tokens"],
-                     micro_batch_size=s["micro_batch_size"], max_steps=s["expert_steps"],
-                     lr=ctx.pick(2e-3, 1e-3), warmup_steps=2, eval_every=10_000,
-                     eval_tokens=2048, keep_checkpoints=1, progress=False,
-                     threads=ctx.threads)
-        out[d] = str(run / "final")
-    return out
-
-
-def _sources(ctx, s: dict) -> tuple[str, dict[str, str], dict[str, str], str]:
-    """(base, {domain: expert}, {name: dense merge}, where they came from)."""
-    from lmalloy.demo.run import STAGES
-
-    if "merging" in STAGES:
-        nums = ctx.require("merging")["numbers"]
-        ft = nums.get("finetune") or {}
-        for key in ("max_chars_per_domain", "val_fraction", "seed", "seq_len"):
-            if key in ft:  # evaluate on the documents the experts held out
-                s[key] = ft[key]
-        v = nums.get("merges") or {}
-        keep = [n for n in ("soup", nums.get("best_merge")) if n in v]
-        merges = {n: v[n] for n in dict.fromkeys(keep) if (Path(v[n]) / "config.json").is_file()}
-        return nums["base"], dict(nums["experts"]), merges, "the merging stage's"
-    base = ctx.require("pretrain")["numbers"]["model"]
-    return base, _finetune_experts(ctx, base, s), {}, "quickly fine-tuned (no merging stage)"
+def _sources(ctx, s: dict) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(base, {domain: expert}, {name: dense merge}) from the merging stage; `s` takes the
+    experts' data settings, so that evaluation is on the documents they held out."""
+    nums = ctx.require("merging")["numbers"]
+    ft = nums.get("finetune") or {}
+    for key in ("max_chars_per_domain", "val_fraction", "seed", "seq_len"):
+        if key in ft:
+            s[key] = ft[key]
+    v = nums.get("merges") or {}
+    keep = [n for n in ("soup", nums.get("best_merge")) if n in v]
+    merges = {n: v[n] for n in dict.fromkeys(keep) if (Path(v[n]) / "config.json").is_file()}
+    return nums["base"], dict(nums["experts"]), merges
 
 
 def _prompts(domains: list[str], s: dict) -> dict[str, list[str]]:
@@ -159,102 +134,77 @@ def indentation(pieces: list[str], top1: list[int]) -> dict:
             "share_all": float(np.mean(np.asarray(top1) == e))}
 
 
-def run(ctx) -> dict:
-    import numpy as np
-
-    from lmalloy.data.corpus import load_corpus
-    from lmalloy.data.pack import load_tokens, pack
-    from lmalloy.data.tokenizer import Tok
-    from lmalloy.io.models import load_causal_lm
-    from lmalloy.moe import analyze as A
+def _build(base: str, experts: dict[str, str], prompts: dict[str, list[str]], work: Path,
+           k: int) -> dict[str, str]:
+    """Upcycle (4 experts, random router), compose and BTX (one expert per domain plus the
+    base as generalist, routers from hidden states), all top-k. Returns the composed
+    MoE's experts in order: {name: source folder}."""
     from lmalloy.moe.build import build
     from lmalloy.moe.config import MoeBuildConfig
-    from lmalloy.moe.stats import baseline_overlap, baseline_same_top1, param_counts
-    from lmalloy.train.heldout import evaluate
 
-    s = settings(ctx)
-    clock = [time.perf_counter()]
-    secs: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        clock.append(time.perf_counter())
-        secs[name] = round(clock[-1] - clock[-2], 1)
-
-    base, experts, merges, origin = _sources(ctx, s)
-    lap("experts")
     domains = list(experts)
-    work = ctx.dir("moe")
-    prompts = _prompts([*domains, GENERAL], s)
-
-    # -- build: upcycle (4 experts, top-2), compose and btx (one expert per domain)
-    k = 2
     mk = dict(base_model=base, experts_per_token=k, overwrite=True, seed=0)
-    built = {}
-    built["upcycled"] = build(MoeBuildConfig(method="upcycle", num_experts=4,
-                                             gate_mode="random", out=str(work / "upcycled"),
-                                             **mk), quiet=True)
+    build(MoeBuildConfig(method="upcycle", num_experts=4, gate_mode="random",
+                         out=str(work / "upcycled"), **mk), quiet=True)
     # BTX keeps the seed model as one more (generalist) expert: E = domains + 1
     sources = {**experts, "base": base}
     ex = [{"source_model": sources[d], "positive_prompts": prompts[GENERAL if d == "base" else d],
            "negative_prompts": [p for o in domains if o != d for p in prompts[o][:1]]}
           for d in sources]
-    built["composed"] = build(MoeBuildConfig(method="compose", gate_mode="hidden", experts=ex,
-                                             out=str(work / "composed"), **mk), quiet=True)
-    built["btx"] = build(MoeBuildConfig(method="btx", gate_mode="hidden", experts=ex,
-                                        out=str(work / "btx"), **mk), quiet=True)
-    lap("build")
+    build(MoeBuildConfig(method="compose", gate_mode="hidden", experts=ex,
+                         out=str(work / "composed"), **mk), quiet=True)
+    build(MoeBuildConfig(method="btx", gate_mode="hidden", experts=ex, out=str(work / "btx"),
+                         **mk), quiet=True)
+    return sources
 
-    # -- router fine-tuning of the composed MoE on the mixed domains (routers only)
-    tuned_run = work / "composed-router-ft"
-    ctx.call("finetune", init_from=str(work / "composed"), out=str(tuned_run), overwrite=True,
+
+def _router_finetune(ctx, work: Path, domains: list[str], s: dict) -> str:
+    """Train only the composed MoE's routers on the mixed domains; the final HF folder."""
+    run = work / "composed-router-ft"
+    ctx.call("finetune", base_model=str(work / "composed"), out=str(run), overwrite=True,
              train_only=["mlp.gate"], data=["stdlib"], domains=domains,
              max_chars_per_domain=s["max_chars_per_domain"], val_fraction=s["val_fraction"],
              seed=s["seed"], seq_len=s["seq_len"], global_batch_tokens=s["global_batch_tokens"],
              micro_batch_size=s["micro_batch_size"], max_steps=s["router_steps"], lr=3e-3,
              warmup_steps=2, eval_every=10_000, eval_tokens=2048, keep_checkpoints=1,
              progress=False, threads=ctx.threads)
-    tuned = str(tuned_run / "final")
-    lap("router fine-tune")
+    return str(run / "final")
 
-    # -- per-domain perplexity on held-out documents of the expert domains
-    tok = Tok.load(base)
-    corpus = load_corpus(["stdlib"], domains, [], s["max_chars_per_domain"], quiet=True)
-    meta = pack(corpus, tok, work / "data", s["val_fraction"], s["seed"])
-    val = load_tokens(work / "data", "val", meta)
-    spans = {d: tuple(meta["domains"][d]["val"]) for d in domains}
-    tb = tok.token_bytes()
-    models = {"base (dense)": base, **{f"expert {d}": p for d, p in experts.items()},
-              **{f"merge {n}": p for n, p in merges.items()},
-              "upcycled MoE (init)": str(work / "upcycled"),
-              "composed MoE (hidden init)": str(work / "composed"),
-              "composed MoE + router fine-tune": tuned, "BTX MoE (hidden init)": str(work / "btx")}
-    ppl: dict[str, dict] = {}
-    for name, path in models.items():
-        m = load_causal_lm(path)
-        r = evaluate(m, val, spans, s["seq_len"], s["eval_tokens"], tb, 8)
-        ppl[name] = {"all": r["ppl"], **{d: r["domains"][d]["ppl"] for d in r["domains"]}}
-        del m
-    lap("perplexity")
 
-    # -- routing analysis of the router-tuned composed MoE vs its initialisation
-    seqs = {d: A.domain_sequences(val, spans[d], s["seq_len"], s["eval_tokens"] // 2)
-            for d in domains}
+def _perplexity(models: dict[str, str], data, s: dict) -> dict[str, dict[str, float]]:
+    """{model: {"all" and each domain: perplexity}} on the held-out documents."""
+    from lmalloy.demo.common import evaluate_models
+
+    res = evaluate_models(models, data, s["seq_len"], s["eval_tokens"])
+    return {name: {c: r[c]["ppl"] for c in r} for name, r in res.items()}
+
+
+def _routing(tuned: str, init: str, data, tokenizer: str, s: dict, k: int, n_e: int,
+             figs: Path) -> dict:
+    """Routing statistics of the router-tuned MoE and of its initialisation, expert shares
+    per domain (figure), and a code snippet coloured by top-1 expert (HTML + PNG)."""
+    import numpy as np
+
+    from lmalloy.data.tokenizer import Tok
+    from lmalloy.io.models import load_causal_lm
+    from lmalloy.moe import analyze as A
+
+    seqs = {d: A.domain_sequences(data.tokens, span, s["seq_len"], s["eval_tokens"] // 2)
+            for d, span in data.spans.items()}
     seqs = {d: x for d, x in seqs.items() if len(x)}
+    init_m = load_causal_lm(init)
+    init_res = A.analyze_model(init_m, seqs, s["seq_len"], k)
+    del init_m
     tuned_m = load_causal_lm(tuned)
     res = A.analyze_model(tuned_m, seqs, s["seq_len"], k)
-    init_m = load_causal_lm(str(work / "composed"))
-    init = A.analyze_model(init_m, seqs, s["seq_len"], k)
-    del init_m
-    n_e = len(sources)
-    names = list(sources)
     n_layers = tuned_m.config.num_hidden_layers
-    figs = ctx.dir("figures")
     layers = A.default_layers(n_layers)
     A.plot_shares(res, n_e, layers, figs / "moe_expert_shares.png",
                   "Composed MoE after router fine-tuning: share of assignments by domain")
-    code = snippet()
-    ids = tok.encode(code)[:300]
+    tok = Tok.load(tokenizer)
+    ids = tok.encode(snippet())[:300]
     logits = A.router_logits(tuned_m, np.asarray([ids]), 1)  # (L, T, E)
+    del tuned_m
     pieces = [tok.decode([i]) for i in ids]
     top1 = {layer: A.topk_from_logits(logits[layer], k)[:, 0].tolist() for layer in layers}
     (figs / "moe_tokens.html").write_text(A.token_html(pieces, top1, n_e,
@@ -262,35 +212,41 @@ def run(ctx) -> dict:
     last = layers[-1]
     render_tokens_png(pieces, top1[last], n_e, figs / "moe_snippet.png",
                       f"textwrap.dedent, each token coloured by its top-1 expert at layer {last}")
-    indent = {layer: indentation(pieces, top1[layer]) for layer in layers}
-    del tuned_m
-    lap("routing")
+    return {"res": res, "init": init_res, "n_layers": n_layers, "last": last,
+            "indent": {layer: indentation(pieces, top1[layer]) for layer in layers}}
 
-    # -- report
-    counts = param_counts(json.loads((work / "composed" / "config.json").read_text()))
-    from lmalloy.io import open_model
 
-    dense_n = open_model(base).num_parameters
-    b1, b2 = baseline_same_top1(n_e), baseline_overlap(n_e, k)
+def _setup_md(domains: list[str], names: list[str], s: dict, k: int,
+              counts: dict, dense_n: int) -> list[str]:
+    """How the MoEs were built, and their parameter counts (markdown lines)."""
+    n_e = len(names)
+    return [f"Base: the pretraining stage's model; experts: the merging stage's fine-tunes on "
+            f"{', '.join(domains)}. The composed MoE has {n_e} experts — one per domain plus "
+            f"the base itself as a generalist, as Branch-Train-MiX keeps the seed model "
+            f"(experts {', '.join(f'{i} = {n}' for i, n in enumerate(names))}) — top-{k}; its "
+            f"routers start from the base's hidden states on {s['n_prompts']} openings of "
+            f"each domain's files (the base: of `{GENERAL}` files; minus one opening of each "
+            f"other domain), mergekit-moe's `hidden` mode, then {s['router_steps']} steps "
+            f"train only the routers (`--train-only mlp.gate`, load-balancing coefficient "
+            f"0.01) on the mixed domains. The upcycled MoE copies the base's FFN into 4 "
+            f"experts with a random router. BTX: as composed, attention and embeddings "
+            f"averaged over the fine-tunes.",
+            "",
+            f"**Parameters** (from the config): NonFF {counts['non_ff'] / 1e6:.2f}M + "
+            f"{n_e}·FF {counts['ff_per_expert'] / 1e6:.2f}M = {counts['total'] / 1e6:.2f}M "
+            f"total; NonFF + {k}·FF = {counts['active'] / 1e6:.2f}M active per token (the "
+            f"dense base: {dense_n / 1e6:.2f}M).",
+            ""]
+
+
+def _results_md(ppl: dict, rt: dict, domains: list[str], n_e: int, k: int,
+                baselines: tuple[float, float]) -> list[str]:
+    """The perplexity table and the routing table with its figures (markdown lines)."""
+    from lmalloy.moe import analyze as A
+
+    b1, b2 = baselines
     cols = ["all", *domains]
-    md = [f"Base: the pretraining stage's model; experts: {origin} fine-tunes on "
-          f"{', '.join(domains)}. The composed MoE has {n_e} experts — one per domain plus "
-          f"the base itself as a generalist, as Branch-Train-MiX keeps the seed model "
-          f"(experts {', '.join(f'{i} = {n}' for i, n in enumerate(names))}) — top-{k}; its "
-          f"routers start from the base's hidden states on {s['n_prompts']} openings of each "
-          f"domain's files (the base: of `{GENERAL}` files; minus one opening of each other "
-          f"domain), mergekit-moe's `hidden` mode, then {s['router_steps']} steps train only "
-          f"the routers (`--train-only mlp.gate`, load-balancing coefficient 0.01) on the "
-          f"mixed domains. The upcycled MoE copies the base's FFN into 4 experts with a random "
-          f"router. BTX: as composed, attention and embeddings averaged over the fine-tunes.",
-          "",
-          f"**Parameters** (from the config): NonFF {counts['non_ff'] / 1e6:.2f}M + "
-          f"{n_e}·FF {counts['ff_per_expert'] / 1e6:.2f}M = {counts['total'] / 1e6:.2f}M total; "
-          f"NonFF + {k}·FF = {counts['active'] / 1e6:.2f}M active per token (the dense base: "
-          f"{dense_n / 1e6:.2f}M).",
-          "",
-          "Perplexity on held-out documents (lower is better):",
-          "",
+    md = ["Perplexity on held-out documents (lower is better):", "",
           "| model | " + " | ".join(cols) + " |",
           "|---" * (len(cols) + 1) + "|"]
     for name, r in ppl.items():
@@ -302,10 +258,16 @@ def run(ctx) -> dict:
            f"Routing of the router-tuned composed MoE on held-out text, consecutive tokens "
            f"(Mixtral Table 5); random baselines for E = {n_e}, k = {k}: same top-1 "
            f"{100 * b1:.1f}%, overlapping top-{k} {100 * b2:.1f}%:", "",
-           A.table_markdown(res, init, n_e, k), "",
+           A.table_markdown(rt["res"], rt["init"], n_e, k), "",
            "![expert shares](figures/moe_expert_shares.png)", "",
            "![snippet coloured by expert](figures/moe_snippet.png)", "",
            "All chosen layers, interactive: `figures/moe_tokens.html`.", ""]
+    return md
+
+
+def _verdict(ppl: dict, rt: dict, domains: list[str], counts: dict, b1: float
+             ) -> tuple[str, dict[str, float]]:
+    """(the verdict line, the share of each expert's gain that the tuned MoE recovers)."""
     moe_ppl = ppl["composed MoE + router fine-tune"]
     closes, gap_txt = {}, []
     for d in domains:
@@ -315,30 +277,74 @@ def run(ctx) -> dict:
             gap_txt.append(f"{100 * closes[d]:.0f}% on {d}")
         else:
             gap_txt.append(f"none to recover on {d} (its expert is no better than the base)")
-    ind = indent[last]
+    last, ind = rt["last"], rt["indent"][rt["last"]]
     ind_txt = ("no indentation tokens in the snippet" if not ind["tokens"] else
                f"{100 * ind['share']:.0f}% of its {ind['tokens']} indentation tokens go to "
                f"expert {ind['expert']} at layer {last}, which takes {100 * ind['share_all']:.0f}% "
                f"of all its tokens")
-    agree = [r["layers"][la]["same_top1"] for r in res.values() for la in range(n_layers)]
-    md.append("> Of each domain expert's gain over the base, the router-tuned composed MoE "
-              "recovers " + "; ".join(gap_txt) + ", with "
-              f"{counts['active'] / 1e6:.2f}M of its {counts['total'] / 1e6:.2f}M parameters "
-              f"active per token. Consecutive tokens share their top-1 expert "
-              f"{100 * min(agree):.0f}-{100 * max(agree):.0f}% of the time (random: "
-              f"{100 * b1:.0f}%). Indentation: {ind_txt}"
-              + (" — they share an expert, as Mixtral found." if ind.get("tokens") and
-                 ind["share"] > max(0.5, ind["share_all"] + 0.1) else "."))
-    print(f"moe stage: composed+router-ft ppl {moe_ppl['all']:.2f}", file=sys.stderr)
+    agree = [r["layers"][la]["same_top1"] for r in rt["res"].values()
+             for la in range(rt["n_layers"])]
+    line = ("> Of each domain expert's gain over the base, the router-tuned composed MoE "
+            "recovers " + "; ".join(gap_txt) + ", with "
+            f"{counts['active'] / 1e6:.2f}M of its {counts['total'] / 1e6:.2f}M parameters "
+            f"active per token. Consecutive tokens share their top-1 expert "
+            f"{100 * min(agree):.0f}-{100 * max(agree):.0f}% of the time (random: "
+            f"{100 * b1:.0f}%). Indentation: {ind_txt}"
+            + (" — they share an expert, as Mixtral found." if ind.get("tokens") and
+               ind["share"] > max(0.5, ind["share_all"] + 0.1) else "."))
+    return line, closes
+
+
+def _layer_stats(res: dict) -> dict[str, list[dict]]:
+    """{domain: per layer {same_top1, overlap}} of an `analyze_model` result."""
+    return {d: [{"same_top1": x["same_top1"], "overlap": x["overlap"]} for x in r["layers"]]
+            for d, r in res.items()}
+
+
+def _lap(secs: dict[str, float], name: str, clock: list[float]) -> None:
+    clock.append(time.perf_counter())
+    secs[name] = round(clock[-1] - clock[-2], 1)
+
+
+def run(ctx) -> dict:
+    from lmalloy.demo.common import heldout
+    from lmalloy.io import open_model
+    from lmalloy.moe.stats import baseline_overlap, baseline_same_top1, param_counts
+
+    s = settings(ctx)
+    clock, secs = [time.perf_counter()], {}
+    base, experts, merges = _sources(ctx, s)
+    _lap(secs, "experts", clock)
+    domains, work, k = list(experts), ctx.dir("moe"), 2
+    sources = _build(base, experts, _prompts([*domains, GENERAL], s), work, k)
+    names, n_e = list(sources), len(sources)
+    _lap(secs, "build", clock)
+    tuned = _router_finetune(ctx, work, domains, s)
+    _lap(secs, "router fine-tune", clock)
+    data = heldout(base, domains, s["max_chars_per_domain"], s["val_fraction"], s["seed"])
+    models = {"base (dense)": base, **{f"expert {d}": p for d, p in experts.items()},
+              **{f"merge {n}": p for n, p in merges.items()},
+              "upcycled MoE (init)": str(work / "upcycled"),
+              "composed MoE (hidden init)": str(work / "composed"),
+              "composed MoE + router fine-tune": tuned, "BTX MoE (hidden init)": str(work / "btx")}
+    ppl = _perplexity(models, data, s)
+    _lap(secs, "perplexity", clock)
+    rt = _routing(tuned, str(work / "composed"), data, base, s, k, n_e, ctx.dir("figures"))
+    _lap(secs, "routing", clock)
+
+    counts = param_counts(json.loads((work / "composed" / "config.json").read_text()))
+    b1, b2 = baseline_same_top1(n_e), baseline_overlap(n_e, k)
+    verdict, closes = _verdict(ppl, rt, domains, counts, b1)
+    md = [*_setup_md(domains, names, s, k, counts, open_model(base).num_parameters),
+          *_results_md(ppl, rt, domains, n_e, k, (b1, b2)), verdict]
+    print(f"moe stage: composed+router-ft ppl {ppl['composed MoE + router fine-tune']['all']:.2f}",
+          file=sys.stderr)
     return {"markdown": "\n".join(md), "numbers": {
         "base": base, "experts": experts, "upcycled": str(work / "upcycled"),
         "composed": str(work / "composed"), "composed_router_ft": tuned,
         "btx": str(work / "btx"), "ppl": ppl, "params": counts,
-        "routing": {d: [{"same_top1": x["same_top1"], "overlap": x["overlap"]}
-                        for x in r["layers"]] for d, r in res.items()},
-        "routing_init": {d: [{"same_top1": x["same_top1"], "overlap": x["overlap"]}
-                             for x in r["layers"]] for d, r in init.items()},
+        "routing": _layer_stats(rt["res"]), "routing_init": _layer_stats(rt["init"]),
         "baselines": {"same_top1": b1, "overlap": b2}, "gap_closed": closes,
-        "indentation": {str(k_): v for k_, v in indent.items()},
+        "indentation": {str(k_): v for k_, v in rt["indent"].items()},
         "seconds": secs, "expert_names": names,
         "finite": all(math.isfinite(v) for r in ppl.values() for v in r.values())}}

@@ -67,10 +67,13 @@ def plot_epochs(records: list[dict], out: Path) -> None:
 
 
 def run(ctx) -> dict:
+    from lmalloy.io.runs import METRICS_FILE
+    from lmalloy.train.plot import read_metrics
+
     run_dir = ctx.out / "pretrain"
     s = settings(ctx)
     ctx.call("pretrain", out=str(run_dir), overwrite=True, threads=ctx.threads, **s)
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / METRICS_FILE)
     meta = json.loads((run_dir / "data" / "meta.json").read_text())
     rows = epoch_table(records)
     img = ctx.dir("figures") / "pretrain_epochs.png"

@@ -113,33 +113,20 @@ def plot_sweep(res: dict, out: Path, domain: str) -> None:
     plt.close(fig)
 
 
-def run(ctx) -> dict:
-    import numpy as np
-    import torch
-
-    from lmalloy.data.pack import load_tokens
-    from lmalloy.demo import stage_pretrain
-    from lmalloy.io.folder import open_model
-    from lmalloy.proxy.model import Member, ProxyTuned, context_length, load_tokenizer
-    from lmalloy.proxy.run import gap_closed
-
-    pre = ctx.require("pretrain")["numbers"]
-    large, tok_dir = pre["model"], pre["tokenizer"]
-    s = stage_pretrain.settings(ctx)
-    root = ctx.dir("proxy")
-    domain = ctx.pick("json", DOMAIN)
-
-    # 1. the small base: same tokenizer, data plan and sequence length as the large one
+def _train_models(ctx, s: dict, root: Path, large: str, tok_dir: str, domain: str
+                  ) -> tuple[dict[str, Path], dict, dict[str, float]]:
+    """Pretrain the small base, fine-tune it and the large base on `domain` with one recipe.
+    Returns ({"small", "small_expert", "large_tuned": HF folder}, the recipe, seconds)."""
+    # the small base: same tokenizer, data plan and sequence length as the large one
     small_kw = {k: v for k, v in s.items() if k not in ("preset", "vocab_size", "eval_every",
                                                         "keep_checkpoints")}
     small_kw.update(epochs=ctx.pick(1, s["epochs"]), eval_every=10_000, keep_checkpoints=1)
     secs = {}
-    secs["pretrain small base"] = _train(ctx, "pretrain", root / "small_base", preset="tiny", tokenizer=tok_dir,
-           model_overrides=ctx.pick({"hidden_size": 48, "intermediate_size": 128,
-                                     "num_hidden_layers": 1}, {}), **small_kw)
+    secs["pretrain small base"] = _train(
+        ctx, "pretrain", root / "small_base", preset="tiny", tokenizer=tok_dir,
+        model_overrides=ctx.pick({"hidden_size": 48, "intermediate_size": 128,
+                                  "num_hidden_layers": 1}, {}), **small_kw)
     small = root / "small_base" / "final"
-
-    # 2. the same fine-tuning recipe on the held-out domain, for the small and the large base
     ft = dict(data=["stdlib"], domains=[domain], max_chars_per_domain=None,
               seq_len=s["seq_len"], global_batch_tokens=s["global_batch_tokens"] // 2,
               micro_batch_size=s["micro_batch_size"] // 2, epochs=2,
@@ -147,41 +134,41 @@ def run(ctx) -> dict:
               eval_every=10_000, eval_tokens=ctx.pick(4096, 8192), log_every=5,
               keep_checkpoints=1, seed=0)
     secs["fine-tune small"] = _train(ctx, "finetune", root / "small_expert",
-                                     init_from=str(small), **ft)
-    secs["fine-tune large"] = _train(ctx, "finetune", root / "large_tuned", init_from=large,
+                                     base_model=str(small), **ft)
+    secs["fine-tune large"] = _train(ctx, "finetune", root / "large_tuned", base_model=large,
                                      **ft)
-    t0 = time.perf_counter()
-    small_expert, large_tuned = root / "small_expert" / "final", root / "large_tuned" / "final"
+    paths = {"small": small, "small_expert": root / "small_expert" / "final",
+             "large_tuned": root / "large_tuned" / "final"}
+    return paths, ft, secs
 
-    # 3. evaluate every model and every α on the domain's validation documents
+
+def _load(ctx, large: str, paths: dict[str, Path]):
+    """(the proxy-tuned ensemble at α = 1, the directly tuned large model as an ensemble
+    of one)."""
+    import torch
+
+    from lmalloy.io.models import load_causal_lm
+    from lmalloy.proxy.model import Member, ProxyTuned, context_length, load_tokenizer
+
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
-    proxy = ProxyTuned.from_pretrained(large, str(small_expert), str(small), 1.0)
-    from lmalloy.io.models import load_causal_lm
-
-    lt_model = load_causal_lm(str(large_tuned))
-    tuned_large = ProxyTuned(Member(str(large_tuned), "large", lt_model,
-                                    load_tokenizer(str(large_tuned)),
+    proxy = ProxyTuned.from_pretrained(large, str(paths["small_expert"]), str(paths["small"]),
+                                       1.0)
+    lt = str(paths["large_tuned"])
+    lt_model = load_causal_lm(lt)
+    tuned_large = ProxyTuned(Member(lt, "large", lt_model, load_tokenizer(lt),
                                     ctx_len=context_length(lt_model.config)), [], [])
-    data_dir = root / "large_tuned" / "data"
-    meta = json.loads((data_dir / "meta.json").read_text())
-    val = np.asarray(load_tokens(data_dir, "val", meta))
-    vocab = proxy.tokenizer.convert_ids_to_tokens(list(range(proxy.vocab)))
-    newline = torch.tensor(["Ċ" in (t or "") for t in vocab])  # byte-level BPE's "\n"
-    res = evaluate_all(proxy, tuned_large, val, s["seq_len"], ctx.pick(4096, 16384), newline)
-    secs["evaluate"] = time.perf_counter() - t0
-    img = ctx.dir("figures") / "proxy_alpha_sweep.png"
-    plot_sweep(res, img, domain)
-    p1 = res["proxy a=1"]
-    gap = {k: gap_closed(res["large"][k], p1[k], res["tuned large"][k])
-           for k in ("loss", "line_acc")}
-    best = min(ALPHAS, key=lambda a: res[f"proxy a={a:g}"]["loss"])
+    return proxy, tuned_large
 
-    # 4. short greedy samples from the start of validation documents
-    eos = meta.get("eos_id", proxy.eos_id)
+
+def _samples(ctx, proxy, tuned_large, val, eos: int) -> tuple[list[str], dict[str, list[str]]]:
+    """(prompts: the first 32 tokens of two validation documents, {model: greedy texts})."""
+    import numpy as np
+
+    from lmalloy.proxy.model import ProxyTuned
+
     docs = [d for d in np.split(val, np.nonzero(val == eos)[0]) if len(d) > 40][:2]
     prompts = [proxy.tokenizer.decode([int(t) for t in d[:32] if t != eos]) for d in docs]
-    t0 = time.perf_counter()
     gen = dict(max_new_tokens=ctx.pick(24, 40), repetition_penalty=1.2)
     expert = ProxyTuned(proxy.pairs[0][0], [], [])
     samples = {}
@@ -190,12 +177,12 @@ def run(ctx) -> dict:
                                 ("large tuned directly", tuned_large, []),
                                 ("small expert", expert, [])):
         samples[name] = [g.text for g in model.generate(prompts, alphas=alphas, **gen)]
+    return prompts, samples
 
-    secs["samples"] = time.perf_counter() - t0
-    print("proxy stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
-          file=sys.stderr)
-    n_large = open_model(large).num_parameters
-    n_small = open_model(small).num_parameters
+
+def _tables_md(res: dict, s: dict, ft: dict, domain: str, n_large: int, n_small: int,
+               img: Path) -> list[str]:
+    """The setup paragraph, the model table and the α sweep (markdown lines)."""
     md = [
         f"Large base: the pretraining stage's model (the `{s['preset']}` preset, "
         f"{n_large / 1e6:.2f}M parameters; the paper's setting calls for a much larger base, "
@@ -222,26 +209,76 @@ def run(ctx) -> dict:
                                        for a in ALPHAS) + " |",
            "| next-line exact match | " + " | ".join(
                f"{100 * res[f'proxy a={a:g}']['line_acc']:.1f}%" for a in ALPHAS) + " |",
-           "", f"![alpha sweep](figures/{img.name})", "",
-           "Greedy samples with repetition penalty 1.2 (the prompt is the first 32 tokens of "
-           "a validation document):", ""]
+           "", f"![alpha sweep](figures/{img.name})", ""]
+    return md
+
+
+def _samples_md(prompts: list[str], samples: dict[str, list[str]]) -> list[str]:
+    md = ["Greedy samples with repetition penalty 1.2 (the prompt is the first 32 tokens of "
+          "a validation document):", ""]
     for i, p in enumerate(prompts):
         md += [f"**Prompt {i + 1}**", "", "```", p.replace("```", "'''"), "```"]
         for name, texts in samples.items():
             md += [f"**{name}**", "", "```", texts[i].replace("```", "'''") or "(empty)",
                    "```"]
-    closes = gap["loss"]
+    return md
+
+
+def _verdict(res: dict, gap: dict, best: float) -> str:
+    p1, closes = res["proxy a=1"], gap["loss"]
     line_gap = (f"{100 * gap['line_acc']:.0f}% of the next-line exact-match gap"
                 if math.isfinite(gap["line_acc"]) else
                 "next-line exact match does not separate the large models here")
     word = ("closes most of" if closes >= 0.5 else "closes part of" if closes > 0
             else "does not close")
-    md += ["", f"> Proxy-tuning {word} the gap: at α = 1 it closes {100 * closes:.0f}% of the "
-           f"large → directly-tuned loss gap ({res['large']['loss']:.3f} → {p1['loss']:.3f}; "
-           f"tuned large {res['tuned large']['loss']:.3f}); {line_gap}. The paper reports 88–91% on its tasks. The best α "
-           f"here is {best:g}."]
+    return (f"> Proxy-tuning {word} the gap: at α = 1 it closes {100 * closes:.0f}% of the "
+            f"large → directly-tuned loss gap ({res['large']['loss']:.3f} → {p1['loss']:.3f}; "
+            f"tuned large {res['tuned large']['loss']:.3f}); {line_gap}. The paper reports "
+            f"88–91% on its tasks. The best α here is {best:g}.")
+
+
+def run(ctx) -> dict:
+    import numpy as np
+    import torch
+
+    from lmalloy.data.pack import load_tokens
+    from lmalloy.demo import stage_pretrain
+    from lmalloy.io.folder import open_model
+    from lmalloy.proxy.run import gap_closed
+
+    pre = ctx.require("pretrain")["numbers"]
+    large, s = pre["model"], stage_pretrain.settings(ctx)
+    root, domain = ctx.dir("proxy"), ctx.pick("json", DOMAIN)
+    paths, ft, secs = _train_models(ctx, s, root, large, pre["tokenizer"], domain)
+
+    # every model and every α on the domain's validation documents
+    t0 = time.perf_counter()
+    proxy, tuned_large = _load(ctx, large, paths)
+    data_dir = root / "large_tuned" / "data"
+    meta = json.loads((data_dir / "meta.json").read_text())
+    val = np.asarray(load_tokens(data_dir, "val", meta))
+    vocab = proxy.tokenizer.convert_ids_to_tokens(list(range(proxy.vocab)))
+    newline = torch.tensor(["Ċ" in (t or "") for t in vocab])  # byte-level BPE's "\n"
+    res = evaluate_all(proxy, tuned_large, val, s["seq_len"], ctx.pick(4096, 16384), newline)
+    secs["evaluate"] = time.perf_counter() - t0
+    img = ctx.dir("figures") / "proxy_alpha_sweep.png"
+    plot_sweep(res, img, domain)
+    gap = {k: gap_closed(res["large"][k], res["proxy a=1"][k], res["tuned large"][k])
+           for k in ("loss", "line_acc")}
+    best = min(ALPHAS, key=lambda a: res[f"proxy a={a:g}"]["loss"])
+
+    t0 = time.perf_counter()
+    prompts, samples = _samples(ctx, proxy, tuned_large, val, meta.get("eos_id", proxy.eos_id))
+    secs["samples"] = time.perf_counter() - t0
+    print("proxy stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
+          file=sys.stderr)
+    n_large = open_model(large).num_parameters
+    n_small = open_model(paths["small"]).num_parameters
+    md = [*_tables_md(res, s, ft, domain, n_large, n_small, img),
+          *_samples_md(prompts, samples), "", _verdict(res, gap, best)]
     return {"markdown": "\n".join(md), "numbers": {
-        "domain": domain, "large": large, "small_base": str(small),
-        "small_expert": str(small_expert), "large_tuned": str(large_tuned),
+        "domain": domain, "large": large, "small_base": str(paths["small"]),
+        "small_expert": str(paths["small_expert"]), "large_tuned": str(paths["large_tuned"]),
         "large_params": n_large, "small_params": n_small, "results": res,
-        "gap_closed": gap, "best_alpha": best, "seconds": secs, "samples": samples, "prompts": prompts}}
+        "gap_closed": gap, "best_alpha": best, "seconds": secs, "samples": samples,
+        "prompts": prompts}}

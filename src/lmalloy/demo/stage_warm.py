@@ -28,7 +28,7 @@ def settings(ctx) -> dict:
         num_models=4, label_noise=0.25,
         train_pairs=ctx.pick(96, 160), test_pairs=ctx.pick(48, 80),
         lr=ctx.pick([3e-4, 1e-3], [2e-4, 8e-4]), dropout=[0.0, 0.1],
-        epochs=ctx.pick(1.0, 2.0), batch_size=16, max_len=96,
+        epochs=ctx.pick(1.0, 2.0), batch_size=16, seq_len=96,
         gold_lr=ctx.pick(1e-3, 4e-4), gold_epochs=2.0,
         bon_n=ctx.pick(4, 8), bon_prompts=ctx.pick(8, 24), max_new_tokens=ctx.pick(16, 24),
         max_chars_per_domain=ctx.pick(20_000, 60_000),
@@ -86,43 +86,35 @@ def run(ctx) -> dict:
     }
     for name, f in files.items():
         ctx.call("reward data", out=str(d / f"{name}.jsonl"), **common, **f)
-    train_common = dict(init_from=[base], batch_size=s["batch_size"], max_len=s["max_len"],
+    train_common = dict(base_model=[base], batch_size=s["batch_size"], seq_len=s["seq_len"],
                         overwrite=True, threads=ctx.threads, progress=False)
-    ctx.call("reward train", data=[str(d / "train.jsonl")], out=str(d / "rms"),
+    ctx.call("reward train", pairs=[str(d / "train.jsonl")], out=str(d / "rms"),
              num_models=s["num_models"], lr=s["lr"], dropout=s["dropout"],
              epochs=s["epochs"], **train_common)
-    ctx.call("reward train", data=[str(d / "gold_train.jsonl")], out=str(d / "gold"),
+    ctx.call("reward train", pairs=[str(d / "gold_train.jsonl")], out=str(d / "gold"),
              num_models=1, lr=[s["gold_lr"]], epochs=s["gold_epochs"], seed=100,
              **train_common)
     ctx.call("reward warm", models=[str(d / "rms")], out=str(d / "warm"), overwrite=True)
     tests = ["in_distribution", "ood_domains", "ood_corruptions"]
     ctx.call("reward eval", models=[str(d / "rms")], warm=str(d / "warm"),
-             data=[str(d / f"{t}.jsonl") for t in tests], train_data=str(d / "train.jsonl"),
+             pairs=[str(d / f"{t}.jsonl") for t in tests], train_pairs=str(d / "train.jsonl"),
              policy=base, gold=str(d / "gold" / "rm-00"), bon_n=s["bon_n"],
              bon_prompts=s["bon_prompts"], max_new_tokens=s["max_new_tokens"],
-             max_len=s["max_len"], out=str(d / "results.json"), threads=ctx.threads)
+             seq_len=s["seq_len"], out=str(d / "results.json"), threads=ctx.threads)
     res = json.loads((d / "results.json").read_text())
     train_meta = json.loads((d / "rms" / "reward_train.json").read_text())
     return report(ctx, s, res, train_meta, tests)
 
 
-def report(ctx, s: dict, res: dict, train_meta: dict, tests: list[str]) -> dict:
-    acc, mem = res["accuracy"], res["memorisation"]
-    cols = {"in distribution": acc[tests[0]], "OOD: new domains": acc[tests[1]],
-            "OOD: new corruptions": acc[tests[2]], "memorisation ↓": mem}
-    who = {"individual RM (mean)": "mean", "individual RM (best per column)": "best",
-           f"ENS ({s['num_models']} forward passes)": "ensemble",
-           "WARM (1 forward pass)": "warm"}
-    rows = {label: {c: v[key] for c, v in cols.items()} for label, key in who.items()}
-    img = ctx.dir("figures") / "warm_accuracy.png"
-    plot(rows, list(cols), img)
+def _accuracy_md(s: dict, rows: dict, cols: dict, train_meta: dict, img: Path) -> list[str]:
+    """The setup paragraph and the accuracy/memorisation table (markdown lines)."""
     hp = ", ".join(f"{m['lr']:.1e}/{m['dropout']:.2f}" for m in train_meta["models"])
-    n_flip = mem["pairs"]
     md = [
         f"{s['num_models']} reward models (`LlamaForSequenceClassification`, score read at "
         f"the closing EOS) were fine-tuned from the pretrained base with one shared head "
         f"init on {train_meta['pairs']} preference pairs (real code ≻ code with "
-        f"{', '.join(TRAIN_KINDS)}), {n_flip} of them ({_fmt(s['label_noise'])}%) with "
+        f"{', '.join(TRAIN_KINDS)}), {cols['memorisation ↓']['pairs']} of them "
+        f"({_fmt(s['label_noise'])}%) with "
         f"flipped labels. Learning rate / dropout per model: {hp}. Accuracy is the share of "
         f"held-out pairs ranked correctly (in %; 50 = chance); memorisation is the share of "
         f"the flipped training pairs on which the model agrees with the *wrong* label "
@@ -135,11 +127,14 @@ def report(ctx, s: dict, res: dict, train_meta: dict, tests: list[str]) -> dict:
     for label, r in rows.items():
         md.append(f"| {label} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     md.append("| pairs | " + " | ".join(str(v["pairs"]) for v in cols.values()) + " |")
-    md += ["", f"![accuracy and memorisation](figures/{img.name})", ""]
+    return md + ["", f"![accuracy and memorisation](figures/{img.name})", ""]
+
+
+def _best_of_n_md(res: dict) -> list[str]:
+    """The best-of-N win rates and the gold scores of the picks (markdown lines)."""
     bon = res["best_of_n"]
     wr = bon["win_rate"]
-    w, e, we = wr["warm_vs_single"], wr["ensemble_vs_single"], wr["warm_vs_ensemble"]
-    md += [
+    md = [
         f"Best-of-{bon['n']}: the base model sampled {bon['n']} continuations for each of "
         f"{bon['prompts']} held-out prompts; each selector kept its top-scored one, and the "
         f"gold RM (same pairs, clean labels) judged the picks (a tie counts one half; 95% "
@@ -148,19 +143,26 @@ def report(ctx, s: dict, res: dict, train_meta: dict, tests: list[str]) -> dict:
         "| comparison | win rate | 95% interval | wins / ties / losses |",
         "|---|---|---|---|",
     ]
-    for label, x in (("WARM over a single RM", w), ("ENS over a single RM", e),
-                     ("WARM over ENS", we)):
+    for label, key in (("WARM over a single RM", "warm_vs_single"),
+                       ("ENS over a single RM", "ensemble_vs_single"),
+                       ("WARM over ENS", "warm_vs_ensemble")):
+        x = wr[key]
         md.append(f"| {label} | {_fmt(x['rate'])}% | {_fmt(x['lo'])}–{_fmt(x['hi'])}% | "
                   f"{x['wins']} / {x['ties']} / {x['losses']} |")
     g = bon["gold_of_pick"]
     singles = [g[m] for m in res["models"]]
-    md += ["", f"Mean gold score of the pick: WARM {g['warm']:.3f}, ENS {g['ensemble']:.3f}, "
-           f"single RMs {sum(singles) / len(singles):.3f} (a random sample: "
-           f"{bon['gold_random']:.3f}; the gold RM's own pick: {bon['gold_best']:.3f}).", ""]
-    m, warm, ens = rows["individual RM (mean)"], rows["WARM (1 forward pass)"], \
-        rows[f"ENS ({s['num_models']} forward passes)"]
+    return md + ["", f"Mean gold score of the pick: WARM {g['warm']:.3f}, ENS "
+                 f"{g['ensemble']:.3f}, single RMs {sum(singles) / len(singles):.3f} (a random "
+                 f"sample: {bon['gold_random']:.3f}; the gold RM's own pick: "
+                 f"{bon['gold_best']:.3f}).", ""]
+
+
+def _claims(s: dict, rows: dict, cols: dict, w: dict) -> list[tuple[str, bool]]:
+    """WARM's claims, each with whether it held in this run."""
+    m, warm = rows["individual RM (mean)"], rows["WARM (1 forward pass)"]
+    ens = rows[f"ENS ({s['num_models']} forward passes)"]
     c_id, c_od, c_ok, c_mem = list(cols)
-    claims = [
+    return [
         ("WARM is at least as accurate as the average single RM in distribution",
          warm[c_id] >= m[c_id]),
         ("WARM is at least as accurate as ENS out of distribution (both shifts)",
@@ -169,21 +171,40 @@ def report(ctx, s: dict, res: dict, train_meta: dict, tests: list[str]) -> dict:
          warm[c_mem] < ens[c_mem] and warm[c_mem] < m[c_mem]),
         ("best-of-N picks of WARM beat a single RM's (interval above 50%)", w["lo"] > 0.5),
     ]
+
+
+def _verdict(s: dict, claims: list[tuple[str, bool]], cols: dict, w: dict) -> str:
     held = [c for c, ok in claims if ok]
     failed = [c for c, ok in claims if not ok]
-    verdict = (f"> Held in this run: {'; '.join(held) if held else 'none of the claims'}. "
-               f"Did not hold: {'; '.join(failed) if failed else 'none'}. WARM's best-of-N "
-               f"win rate over a single RM was {_fmt(w['rate'])}% "
-               f"[{_fmt(w['lo'])}, {_fmt(w['hi'])}] (the paper's 79.4% is for an RL-trained "
-               f"policy at M = 6 on real preferences, not best-of-N on a "
-               f"{s['params'] / 1e6:.1f}M-parameter code model), at 1/"
-               f"{s['num_models']} of the ensemble's inference cost.")
     n_test = min(v["pairs"] for v in list(cols.values())[:3])
-    verdict += (f" With {n_test} test pairs per column, one accuracy is uncertain by about "
-                f"±{196 * 0.5 / n_test ** 0.5:.0f} points (95%), so small gaps are noise.")
-    md.append(verdict)
-    numbers = {"rows": rows, "win_rate": wr, "gold_of_pick": g, "claims": dict(claims),
-               "paper_bon_win_rate": PAPER_BON_WIN, "warm_model": str(Path(ctx.out) / "warm" / "warm"),
+    return (f"> Held in this run: {'; '.join(held) if held else 'none of the claims'}. "
+            f"Did not hold: {'; '.join(failed) if failed else 'none'}. WARM's best-of-N "
+            f"win rate over a single RM was {_fmt(w['rate'])}% "
+            f"[{_fmt(w['lo'])}, {_fmt(w['hi'])}] (the paper's 79.4% is for an RL-trained "
+            f"policy at M = 6 on real preferences, not best-of-N on a "
+            f"{s['params'] / 1e6:.1f}M-parameter code model), at 1/"
+            f"{s['num_models']} of the ensemble's inference cost."
+            f" With {n_test} test pairs per column, one accuracy is uncertain by about "
+            f"±{196 * 0.5 / n_test ** 0.5:.0f} points (95%), so small gaps are noise.")
+
+
+def report(ctx, s: dict, res: dict, train_meta: dict, tests: list[str]) -> dict:
+    acc, mem = res["accuracy"], res["memorisation"]
+    cols = {"in distribution": acc[tests[0]], "OOD: new domains": acc[tests[1]],
+            "OOD: new corruptions": acc[tests[2]], "memorisation ↓": mem}
+    who = {"individual RM (mean)": "mean", "individual RM (best per column)": "best",
+           f"ENS ({s['num_models']} forward passes)": "ensemble",
+           "WARM (1 forward pass)": "warm"}
+    rows = {label: {c: v[key] for c, v in cols.items()} for label, key in who.items()}
+    img = ctx.dir("figures") / "warm_accuracy.png"
+    plot(rows, list(cols), img)
+    wr = res["best_of_n"]["win_rate"]
+    claims = _claims(s, rows, cols, wr["warm_vs_single"])
+    md = [*_accuracy_md(s, rows, cols, train_meta, img), *_best_of_n_md(res),
+          _verdict(s, claims, cols, wr["warm_vs_single"])]
+    numbers = {"rows": rows, "win_rate": wr, "gold_of_pick": res["best_of_n"]["gold_of_pick"],
+               "claims": dict(claims), "paper_bon_win_rate": PAPER_BON_WIN,
+               "warm_model": str(Path(ctx.out) / "warm" / "warm"),
                "train_pairs_per_s": sum(x["pairs_per_s"] for x in train_meta["models"])
                / len(train_meta["models"])}
     return {"markdown": "\n".join(md), "numbers": numbers}
