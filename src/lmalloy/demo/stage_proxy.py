@@ -145,13 +145,9 @@ def _train_models(ctx, s: dict, root: Path, large: str, tok_dir: str, domain: st
 def _load(ctx, large: str, paths: dict[str, Path]):
     """(the proxy-tuned ensemble at α = 1, the directly tuned large model as an ensemble
     of one)."""
-    import torch
-
     from lmalloy.io.models import load_causal_lm
     from lmalloy.proxy.model import Member, ProxyTuned, context_length, load_tokenizer
 
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
     proxy = ProxyTuned.from_pretrained(large, str(paths["small_expert"]), str(paths["small"]),
                                        1.0)
     lt = str(paths["large_tuned"])
