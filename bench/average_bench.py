@@ -139,7 +139,7 @@ print(json.dumps({"seconds": dt, "bytes": nin + nout, "peak_mb": rss / 1024,
 """
 
 
-def offline(preset: str, n: int, repeats: int) -> dict:
+def offline(preset: str, n: int, repeats: int, baseline: str | None = None) -> dict:
     import shutil
 
     tmp = Path(tempfile.mkdtemp(prefix="avgbench-"))
@@ -152,13 +152,16 @@ def offline(preset: str, n: int, repeats: int) -> dict:
         del m
     res = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    runs = [("torch", "torch", paths), ("lmalloy", "lmalloy", paths),
-            ("lmalloy, 2 inputs", "lmalloy", paths[:2])]
+    runs = [("torch", "torch", paths, env), ("lmalloy", "lmalloy", paths, env),
+            ("lmalloy, 2 inputs", "lmalloy", paths[:2], env)]
+    if baseline:  # an earlier lmalloy source tree, side by side
+        runs.append(("lmalloy baseline", "lmalloy", paths,
+                     {**os.environ, "PYTHONPATH": baseline}))
     for _rep in range(repeats):  # alternate; keep each one's fastest run
-        for name, mode, ps in runs:
-            out = tmp / f"out-{mode}-{len(ps)}"
+        for name, mode, ps, e in runs:
+            out = tmp / f"out-{name.replace(' ', '-').replace(',', '')}-{len(ps)}"
             shutil.rmtree(out, ignore_errors=True)
-            r = subprocess.run([sys.executable, "-c", CHILD, mode, str(out), *ps], env=env,
+            r = subprocess.run([sys.executable, "-c", CHILD, mode, str(out), *ps], env=e,
                                capture_output=True, text=True, check=True)
             got = json.loads(r.stdout.strip().splitlines()[-1])
             if name not in res or got["seconds"] < res[name]["seconds"]:
@@ -180,6 +183,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny preset, few rounds (smoke test)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", help="an earlier lmalloy `src` folder: its offline average "
+                    "runs side by side with this tree's")
+    ap.add_argument("--offline-only", action="store_true", help="skip the update-overhead part")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     presets = ["tiny"] if args.quick else ["small", "base"]
@@ -187,7 +193,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs", flush=True)
     rows = []
-    for p in presets:
+    for p in [] if args.offline_only else presets:
         r = overhead(p, rounds, 3, B=4 if p != "tiny" else 2, T=256)
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -201,7 +207,7 @@ def main() -> None:
             print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['step_s'] * 1e3:.0f} ms "
                   f"({r['B']}×{r['T']}) | {m} | {s * 1e3:.2f} | "
                   f"{100 * s / r['step_s']:.2f}% | {s / ref:.2f}× |")
-    off = offline("tiny" if args.quick else "base", 5, 1 if args.quick else 2)
+    off = offline("tiny" if args.quick else "base", 5, 1 if args.quick else 2, args.baseline)
     print(json.dumps(off), flush=True)
     print("\n| offline average, 5 checkpoints | wall s | GB/s (in+out) | peak RSS MB | "
           "peak over RSS after imports MB |")
@@ -212,6 +218,9 @@ def main() -> None:
     t, lm = off["runs"]["torch"], off["runs"]["lmalloy"]
     print(f"\nlmalloy speed vs plain torch: {t['seconds'] / lm['seconds']:.2f}×; outputs "
           f"bitwise identical: {off['identical']}")
+    if "lmalloy baseline" in off["runs"]:
+        b = off["runs"]["lmalloy baseline"]
+        print(f"lmalloy speed vs the baseline tree: {b['seconds'] / lm['seconds']:.2f}×")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2, help="runs per tool for linear")
     ap.add_argument("--ties-reps", type=int, default=1, help="runs per tool for ties")
     ap.add_argument("--keep", action="store_true", help="keep the models afterwards")
+    ap.add_argument("--baseline", help="an earlier lmalloy `src` folder, run side by side as "
+                    "`lmalloy-baseline` (its output flag: --baseline-flag)")
+    ap.add_argument("--baseline-flag", default="--out", help="the baseline's output flag")
+    ap.add_argument("--methods", default="linear,ties", help="methods to run")
     a = ap.parse_args()
     if a.setup:
         setup()
@@ -138,20 +142,28 @@ def main() -> int:
     size = (base / "model.safetensors").stat().st_size
     results: dict = {}
     env = {"HF_HUB_OFFLINE": "1"}
-    for method, reps in (("linear", a.reps), ("ties", a.ties_reps)):
+    tools = ["lmalloy", "mergekit"] + (["lmalloy-baseline"] if a.baseline else [])
+    methods = [m for m in ("linear", "ties") if m in a.methods.split(",")]
+    for method, reps in [(m, a.reps if m == "linear" else a.ties_reps) for m in methods]:
         y = OUT / f"{method}.yaml"
         y.write_text(yaml_for(method, base, fts))
         n_in = len(fts) + (method == "ties")
         gb = (n_in + 1) * size / 1e9
         for rep in range(reps):
-            for tool in ("lmalloy", "mergekit"):
+            for tool in tools:
                 out = OUT / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = ([str(LM), "merge", str(y), "--out", str(out), "--no-progress"]
-                       if tool == "lmalloy" else
-                       [str(mk_yaml), str(y), str(out), "--no-copy-tokenizer",
-                        "--no-write-model-card", "--quiet"])
-                r = run_measured(cmd, env)
+                e = env
+                if tool == "lmalloy":
+                    cmd = [str(LM), "merge", str(y), "--out", str(out), "--no-progress"]
+                elif tool == "lmalloy-baseline":
+                    cmd = [sys.executable, "-m", "lmalloy", "merge", str(y), a.baseline_flag,
+                           str(out), "--no-progress"]
+                    e = {**env, "PYTHONPATH": a.baseline}
+                else:
+                    cmd = [str(mk_yaml), str(y), str(out), "--no-copy-tokenizer",
+                           "--no-write-model-card", "--quiet"]
+                r = run_measured(cmd, e)
                 r["gbps"] = gb / r["wall"]
                 results.setdefault((method, tool), []).append(r)
                 print(f"{method:7s} {tool:9s} rep {rep}: {r['wall']:6.1f}s "
@@ -188,17 +200,24 @@ def main() -> int:
              f"fresh process, so start-up is included).", "",
              "| method | tool | wall s | GB/s (in+out) | peak RSS GB | peak anon GB |",
              "|---|---|---|---|---|---|"]
-    for method in ("linear", "ties"):
-        for tool in ("lmalloy", "mergekit"):
+    for method in methods:
+        for tool in tools:
             lines.append(f"| {method} | {tool} | {med(method, tool, 'wall'):.1f} | "
                          f"{med(method, tool, 'gbps'):.2f} | {med(method, tool, 'rss') / 1e9:.2f} |"
                          f" {med(method, tool, 'anon') / 1e9:.2f} |")
     lines += ["", "| ratio (mergekit / lmalloy) | wall time | peak anon memory |", "|---|---|---|"]
-    for method in ("linear", "ties"):
+    for method in methods:
         lines.append(f"| {method} | {med(method, 'mergekit', 'wall') / med(method, 'lmalloy', 'wall'):.2f}× "
                      f"| {med(method, 'mergekit', 'anon') / max(med(method, 'lmalloy', 'anon'), 1):.2f}× |")
+    if a.baseline:
+        lines += ["", "| ratio (baseline / this tree) | wall time | peak anon memory |",
+                  "|---|---|---|"]
+        for method in methods:
+            lines.append(f"| {method} | {med(method, 'lmalloy-baseline', 'wall') / med(method, 'lmalloy', 'wall'):.2f}× "
+                         f"| {med(method, 'lmalloy-baseline', 'anon') / max(med(method, 'lmalloy', 'anon'), 1):.2f}× |")
+    diffs = ", ".join(f"{m} {results[(m, 'maxrel')]:.2e}" for m in methods)
     lines += ["", f"Largest relative difference between the two outputs (first 20 tensors): "
-              f"linear {results[('linear', 'maxrel')]:.2e}, ties {results[('ties', 'maxrel')]:.2e} "
+              f"{diffs} "
               f"(bf16 outputs, whose rounding step is 2⁻⁸ ≈ 3.9e-3 relative: linear differs by "
               f"summation order before that rounding; ties also because mergekit computes in "
               f"the YAML's bf16 `dtype` and lmalloy in fp32; with `dtype: float32` both agree "

@@ -35,7 +35,8 @@ T, GLOBAL_TOKENS, MICRO = 256, 16384, 16
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
 
 
-def run_lmalloy(work: Path, tok: Path, steps: int, compile_: bool, tag: str) -> float:
+def run_lmalloy(work: Path, tok: Path, steps: int, compile_: bool, tag: str,
+                src: str | None = None) -> float:
     out = work / f"lm-{tag}"
     cmd = [*LMALLOY, "pretrain", "--preset", "small", "--domains", "email,json,asyncio",
            "--tokenizer", str(tok), "--out", str(out), "--max-steps", str(steps),
@@ -44,7 +45,8 @@ def run_lmalloy(work: Path, tok: Path, steps: int, compile_: bool, tag: str) -> 
            "--no-progress", "--overwrite", "--threads", "2"]
     if compile_:
         cmd.append("--compile")
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, env=ENV)
+    env = {**ENV, "PYTHONPATH": src} if src else ENV  # an earlier source tree, if given
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, env=env)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in recs if "loss" in r and r["step"] > 2)
 
@@ -81,6 +83,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compile", type=int, default=0)
+    ap.add_argument("--baseline", help="an earlier lmalloy `src` folder, run alternately too")
+    ap.add_argument("--no-litgpt", action="store_true", help="lmalloy (and baseline) only")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmalloy-bench-"))
     prep = work / "prep"
@@ -89,19 +93,29 @@ def main() -> None:
                     "--no-progress", "--vocab-size", "4096", "--seq-len", str(T),
                     "--global-batch-tokens", str(GLOBAL_TOKENS), "--micro-batch-size",
                     str(MICRO)], check=True, stderr=subprocess.DEVNULL)
-    lm, lit = [], []
+    lm, lit, base = [], [], []
     for r in range(a.rounds):
         lm.append(run_lmalloy(work, prep / "tokenizer", a.steps, bool(a.compile), str(r)))
-        lit.append(run_litgpt(work, prep / "data", a.steps, bool(a.compile), str(r)))
-        print(f"round {r}: lmalloy {lm[-1]:,.0f} tok/s, litgpt {lit[-1]:,.0f} tok/s",
-              file=sys.stderr)
-    m_lm, m_lit = statistics.median(lm), statistics.median(lit)
+        if not a.no_litgpt:
+            lit.append(run_litgpt(work, prep / "data", a.steps, bool(a.compile), str(r)))
+        if a.baseline:
+            base.append(run_lmalloy(work, prep / "tokenizer", a.steps, bool(a.compile),
+                                    f"b{r}", a.baseline))
+        print(f"round {r}: lmalloy {lm[-1]:,.0f} tok/s"
+              + (f", litgpt {lit[-1]:,.0f} tok/s" if lit else "")
+              + (f", baseline {base[-1]:,.0f} tok/s" if base else ""), file=sys.stderr)
+    m_lm = statistics.median(lm)
+    m_lit = statistics.median(lit) if lit else float("nan")
     help_s = startup([str(ROOT / ".venv" / "bin" / "lmalloy"), "--help"])
-    lit_cfg = startup([str(LITGPT_PY), "-c", "import litgpt.config"], 3)
+    lit_cfg = (float("nan") if a.no_litgpt else
+               startup([str(LITGPT_PY), "-c", "import litgpt.config"], 3))
     res = {"compile": bool(a.compile), "steps": a.steps, "rounds": a.rounds,
            "lmalloy_tokens_per_s": m_lm, "litgpt_tokens_per_s": m_lit,
            "ratio_lmalloy_over_litgpt": m_lm / m_lit, "lmalloy_help_s": help_s,
            "litgpt_import_config_s": lit_cfg}
+    if base:
+        res["baseline_tokens_per_s"] = statistics.median(base)
+        res["ratio_lmalloy_over_baseline"] = m_lm / res["baseline_tokens_per_s"]
     print(json.dumps(res, indent=2))
 
 

@@ -160,19 +160,14 @@ def execute(p: Plan) -> None:
 
 
 def merge(cfg: MergeConfig) -> Path:
-    """Plan (all checks), then stream the merge into `cfg.out`. Returns the output path."""
-    import torch
+    """Plan (all checks), then stream the merge into `cfg.out`. Returns the output path.
 
-    # One torch (OpenMP) thread: merging is memory-bound, and OpenMP barriers spin when
-    # cores are oversubscribed (a 4-7x slow-down measured on a busy 2-core machine). TIES
-    # spreads its chunks over `--threads` Python workers instead (torch releases the GIL).
-    # Restored afterwards: in-process callers keep theirs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    Torch runs one thread (merging is memory-bound; `one_torch_thread` says why); TIES
+    spreads its chunks over `--threads` Python workers instead (torch releases the GIL)."""
+    from lmalloy.average.weighted import one_torch_thread
+
+    with one_torch_thread():
         return _merge(cfg)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _merge(cfg: MergeConfig) -> Path:
