@@ -163,6 +163,7 @@ def main() -> int:
                 else:
                     cmd = [str(mk_yaml), str(y), str(out), "--no-copy-tokenizer",
                            "--no-write-model-card", "--quiet"]
+                os.sync()  # no other run's writeback in flight during this one
                 r = run_measured(cmd, e)
                 r["gbps"] = gb / r["wall"]
                 results.setdefault((method, tool), []).append(r)

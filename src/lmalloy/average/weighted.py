@@ -128,18 +128,18 @@ class _Buffers:
         return b
 
 
-def _read(folder, ref, name: str, a: int, b: int, buf):
-    """Entries [a, b) of `name` in `folder`, the reference's entries beyond its own rows."""
+def _read(folder, ref, name: str, a: int, b: int):
+    """Entries [a, b) of `name` in `folder` (a zero-copy view of its mapped file), the
+    reference's entries beyond its own rows."""
     import torch
 
     n = folder.tensors[name].numel
     if b <= n:
-        return folder.read_range(name, a, b, buf)
+        return folder.view_range(name, a, b)
     if a >= n:
-        return ref.read_range(name, a, b, buf).to(buf.dtype)
-    head = folder.read_range(name, a, n, buf)
-    tail = ref.read_range(name, n, b).to(buf.dtype)
-    return torch.cat([head, tail])
+        return ref.view_range(name, a, b).to(torch_dtype(folder.tensors[name].dtype))
+    tail = ref.view_range(name, n, b).to(torch_dtype(folder.tensors[name].dtype))
+    return torch.cat([folder.view_range(name, a, n), tail])
 
 
 def _nonfinite(inputs, ref, name: str, a: int, b: int) -> UserError:
@@ -147,36 +147,36 @@ def _nonfinite(inputs, ref, name: str, a: int, b: int) -> UserError:
     import torch
 
     for f in inputs:
-        x = _read(f, ref, name, a, b, None)
+        x = _read(f, ref, name, a, b)
         if not bool(torch.isfinite(x).all()):
             return UserError(f"{f.path}: tensor `{name}` contains NaN or Inf")
     return UserError(f"the weighted average of tensor `{name}` overflows (non-finite "
                      "result from finite inputs; check the weights)")
 
 
-def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]], bufs: _Buffers):
-    """(name, a, b, inputs' entries [a, b)) per chunk, in order: a thread reads chunk k+1
-    of every input (positioned reads release the GIL) while chunk k is combined. Two
-    buffer sets alternate, so a chunk's buffers are never refilled while in use."""
+def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]]):
+    """(name, a, b, inputs' entries [a, b)) per chunk, in order, as views of the mapped
+    files; a thread asks the kernel to read chunk k+1 ahead (MADV_WILLNEED) while chunk k
+    is combined, and each tensor's pages leave the resident set once it is done."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lmalloy.io.dtypes import torch_dtype
-
-    def read(k: int) -> list:
+    def ahead(k: int) -> None:
         name, a, b = chunks[k]
-        return [_read(f, ref, name, a, b, bufs.get(("in", k % 2, i),
-                                                   torch_dtype(f.tensors[name].dtype)))
-                for i, f in enumerate(inputs)]
+        for f in inputs:
+            f.advise(name, a, min(b, f.tensors[name].numel), need=True)
 
     if not chunks:
         return
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(read, 0)
+        fut = pool.submit(ahead, 0)
         for k, (name, a, b) in enumerate(chunks):
-            xs = fut.result()
+            fut.result()
             if k + 1 < len(chunks):
-                fut = pool.submit(read, k + 1)
-            yield name, a, b, xs
+                fut = pool.submit(ahead, k + 1)
+            yield name, a, b, [_read(f, ref, name, a, b) for f in inputs]
+            if b == ref.tensors[name].numel:  # the tensor's last chunk
+                for f in {id(x): x for x in [*inputs, ref]}.values():
+                    f.advise(name, 0, f.tensors[name].numel, need=False)
 
 
 def _combine(xs, combo: Combination, acc, bufs: _Buffers):
@@ -222,11 +222,11 @@ def _stream(inputs, combo, sink, entries, ref, progress) -> None:
     chunks = [(n, a, min(ref.tensors[n].numel, a + CHUNK)) for n, _, _ in entries
               if is_float(ref.tensors[n].dtype)
               for a in range(0, ref.tensors[n].numel, CHUNK)]
-    stream = _prefetched(inputs, ref, chunks, bufs)
+    stream = _prefetched(inputs, ref, chunks)
     for name, st, shape in entries:
         sink.begin(name, st, shape)
         if not is_float(ref.tensors[name].dtype):  # integer/bool buffers: the reference's
-            sink.part(ref.read_range(name, 0, ref.tensors[name].numel))
+            sink.part(ref.view_range(name, 0, ref.tensors[name].numel))
         else:
             c = combo(name) if callable(combo) else combo
             if len(c.weights) != len(inputs):

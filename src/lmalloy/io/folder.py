@@ -12,6 +12,7 @@ then loaded with `torch.load(weights_only=True, mmap=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import struct
@@ -112,6 +113,7 @@ class ModelFolder:
     files: list[Path]
     pickle_state: dict[str, Any] | None = field(default=None, repr=False)
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _maps: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @property
     def architecture(self) -> str:
@@ -177,8 +179,51 @@ class ModelFolder:
             raise UserError(f"{info.file}: truncated while reading `{name}`")
         return view
 
+    def _map(self, file: Path):
+        import mmap
+
+        m = self._maps.get(file)
+        if m is None:
+            with open(file, "rb") as f:  # private, read-only in practice: never written
+                m = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return m
+
+    def view_range(self, name: str, start: int, stop: int):
+        """Elements [start, stop) of tensor `name` (flattened) as a zero-copy view of the
+        memory-mapped file: the page cache's own pages, no copy. `release(name)` drops the
+        tensor's pages from this process's resident set afterwards, so streaming many
+        inputs does not grow it. Pickle folders give a slice of the loaded tensor."""
+        import torch
+
+        if self.pickle_state is not None:
+            return self.pickle_state[name].reshape(-1)[start:stop]
+        info = self.tensors[name]
+        size = SIZES[info.dtype]
+        t = torch.frombuffer(self._map(info.file), dtype=torch.uint8,
+                             count=(stop - start) * size, offset=info.offsets[0] + start * size)
+        return t.view(torch_dtype(info.dtype))
+
+    def advise(self, name: str, start: int, stop: int, need: bool) -> None:
+        """madvise the pages of elements [start, stop): WILLNEED (read ahead) or DONTNEED
+        (drop them from this process's resident set; the page cache keeps them)."""
+        import mmap
+
+        if self.pickle_state is not None:
+            return
+        info = self.tensors[name]
+        size = SIZES[info.dtype]
+        a = (info.offsets[0] + start * size) // mmap.PAGESIZE * mmap.PAGESIZE
+        b = info.offsets[0] + stop * size
+        if b > a:
+            self._map(info.file).madvise(mmap.MADV_WILLNEED if need else mmap.MADV_DONTNEED,
+                                         a, b - a)
+
     def close(self) -> None:
         self._handles.clear()
+        for m in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still alive keeps it open
+                m.close()
+        self._maps.clear()
         self.pickle_state = None
 
 
