@@ -49,6 +49,34 @@ def make_llama(path: Path, tokenizer: Path | None = None, seed: int = 0, hidden:
     return path
 
 
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+           "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def make_adapter(path: Path, base: Path, r: int, alpha: float, seed: int,
+                 modules=MODULES) -> Path:
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    state = {}
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        for m in modules:
+            out, inp = f.get_slice(f"{m}.weight").get_shape()
+            state[f"base_model.model.{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * .1
+            state[f"base_model.model.{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * .1
+    save_file(state, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "base_model_name_or_path": str(base), "r": r,
+           "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
+           "fan_in_fan_out": False, "bias": "none", "task_type": "CAUSAL_LM"}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run `lmalloy ARGS` in-process; returns (exit code, stdout, stderr)."""
     from lmalloy.cli import main

@@ -21,10 +21,7 @@ def _check_models(cfg) -> None:
     from lmalloy.io.tokenizer_files import check_same_tokenizer
 
     for p in cfg.models:
-        m = open_model(p, allow_pickle=cfg.allow_pickle)
-        limit = m.config.get("max_position_embeddings")
-        if limit and cfg.seq_len > limit:
-            raise UserError(f"`--seq-len` {cfg.seq_len} is above {p}'s maximum of {limit}")
+        open_model(p, allow_pickle=cfg.allow_pickle).check_seq_len(cfg.seq_len)
     tok_dir = cfg.tokenizer or cfg.models[0]
     check_same_tokenizer([Path(tok_dir), *map(Path, cfg.models)],
                          hint=" (each model is scored with one tokenizer: evaluate them "

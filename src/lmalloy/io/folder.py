@@ -69,6 +69,16 @@ def _check_entry(path: Path, name: str, v: Any) -> None:
                         f"{v['dtype']} (corrupt header)")
 
 
+def context_length(config) -> int | None:
+    """Positions a model config allows (a config dict or a transformers config object)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """(header dict, data start offset) of one .safetensors file; validates its size."""
     try:
@@ -123,6 +133,18 @@ class ModelFolder:
     @property
     def model_type(self) -> str:
         return self.config.get("model_type", "unknown")
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes, from its config (None if it does not say)."""
+        return context_length(self.config)
+
+    def check_seq_len(self, seq_len: int, flag: str = "--seq-len") -> None:
+        """UserError when `seq_len` tokens do not fit the model's positions."""
+        limit = self.context_length
+        if limit is not None and seq_len > limit:
+            raise UserError(f"`{flag}` {seq_len} is above {self.path}'s maximum of {limit} "
+                            "positions")
 
     @property
     def num_parameters(self) -> int:

@@ -125,6 +125,9 @@ class MergeConfig(DataFields):
     def _models(cls, v):
         if isinstance(v, (str, dict)):
             v = [v]
+        if not isinstance(v, list):
+            raise ValueError(f"expected a list of model folders (or of {{model, parameters}} "
+                             f"entries), got {v!r}")
         return [{"model": m} if isinstance(m, str) else m for m in v]
 
     @field_validator("parameters", mode="before")

@@ -185,7 +185,8 @@ def _merge(cfg: MergeConfig) -> Path:
     if cfg.method == "greedy_soup":
         from lmalloy.merge.greedy import greedy_select
 
-        plan(cfg)  # every check before the evaluations
+        for f in plan(cfg).inputs:  # every check before the evaluations
+            f.check_seq_len(cfg.seq_len)
         cfg, notes, files = greedy_select(cfg)
     p = plan(cfg)
     p.notes, p.files = notes, files

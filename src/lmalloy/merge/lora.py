@@ -367,6 +367,7 @@ def lorahub_main(cfg) -> int:
     adapters = [load_adapter(p) for p in cfg.adapters]
     check_compatible(adapters)
     base = open_model(cfg.base_model)
+    base.check_seq_len(cfg.seq_len)
     for m, (A, B) in adapters[0].tensors.items():
         t = base.tensors.get(f"{m}.weight")
         if t is None or tuple(t.shape) != (B.shape[0], A.shape[1]):

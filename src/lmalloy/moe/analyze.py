@@ -188,7 +188,8 @@ def _check(cfg) -> tuple[dict, list[int], str | None]:
     """Every check the headers and configs reveal: (MoE config, html layers, --text)."""
     from lmalloy.io import check_output, open_model
 
-    mcfg = check_moe(open_model(cfg.model))
+    folder = open_model(cfg.model)
+    mcfg = check_moe(folder)
     n_e, n_layers = mcfg["num_local_experts"], mcfg["num_hidden_layers"]
     if cfg.init:
         icfg = check_moe(open_model(cfg.init), "--init ")
@@ -196,9 +197,7 @@ def _check(cfg) -> tuple[dict, list[int], str | None]:
             raise UserError(f"--init {cfg.init} has {icfg['num_local_experts']} experts and "
                             f"{icfg['num_hidden_layers']} layers; the model has {n_e} and "
                             f"{n_layers}")
-    limit = mcfg.get("max_position_embeddings")
-    if limit and cfg.seq_len > limit:
-        raise UserError(f"`--seq-len` {cfg.seq_len} is above {cfg.model}'s maximum of {limit}")
+    folder.check_seq_len(cfg.seq_len)
     layers = cfg.html_layers or default_layers(n_layers)
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad:

@@ -125,7 +125,9 @@ class MoeBuildConfig(Config):
     @property
     def n_experts(self) -> int:
         if self.method == "upcycle":
-            return self.num_experts or len(self.experts) or 8
+            if self.num_experts is not None:
+                return self.num_experts
+            return len(self.experts) or 8
         return len(self.experts)
 
     @classmethod

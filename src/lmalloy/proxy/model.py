@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lmalloy.errors import UserError
+from lmalloy.io.folder import context_length
 from lmalloy.proxy.sampling import combine, next_tokens, repetition_penalty
 
 ROLES = ("large", "tuned", "untuned")
@@ -75,14 +76,6 @@ def format_prompt(fmt: str | None, prompt: str, tokenizer) -> tuple[str, bool]:
     return fmt.replace("{prompt}", prompt), False
 
 
-def context_length(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def check_folder(path: str, allow_pickle: bool = False) -> dict:
     """The folder's config.json after checking it is a local causal-LM folder (headers
     only, no weights read). Hub ids are not accepted: nothing is downloaded."""
@@ -106,6 +99,54 @@ def load_tokenizer(path: str):
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
         raise UserError(f"{path}: no usable tokenizer ({str(e).splitlines()[0][:160]}); pass "
                         "--tokenizer") from None
+
+
+def _tokenizers(paths: list[tuple[str, str]], tokenizer: str | None) -> dict[str, Any]:
+    """Each folder's tokenizer (or the shared `tokenizer` for folders without one); they
+    must agree token for token with the large model's (the first differing token named)."""
+    shared = load_tokenizer(tokenizer) if tokenizer else None
+    toks: dict[str, Any] = {}
+    for _, p in paths:
+        if p not in toks:
+            toks[p] = load_tokenizer(p) if _has_tokenizer(p) or shared is None else shared
+    large = paths[0][1]
+    ref = toks[large]
+    vocab0 = ref.get_vocab()
+    for _, p in paths[1:]:
+        if toks[p] is ref:
+            continue
+        diff = first_vocab_difference(vocab0, toks[p].get_vocab())
+        if diff:
+            raise UserError(f"tokenizers of {large} and {p} differ: first differing "
+                            f"token at {diff}")
+    return toks
+
+
+def prompt_ids(m: Member, prompt: str) -> list[int]:
+    """A prompt's token ids for one member, in its format; an empty prompt starts from BOS
+    (or EOS, the document separator)."""
+    text, templated = format_prompt(m.fmt, prompt, m.tokenizer)
+    ids = m.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    if not ids:
+        tok = m.tokenizer
+        first = next((t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+                      if t is not None), 0)
+        ids = [first]
+    return list(ids)
+
+
+def check_prompt_lengths(members, prompts: Sequence[str]) -> dict[int, list[list[int]]]:
+    """Each member's prompt ids (index -> rows); a prompt that leaves no room in a member's
+    context window is a UserError."""
+    out = {}
+    for k, m in enumerate(members):
+        rows = [prompt_ids(m, p) for p in prompts]
+        for i, r in enumerate(rows):
+            if m.ctx_len is not None and len(r) >= m.ctx_len:
+                raise UserError(f"prompt {i + 1} is {len(r)} tokens for {m.name}, not "
+                                f"shorter than its context window of {m.ctx_len} tokens")
+        out[k] = rows
+    return out
 
 
 # ---------------------------------------------------------------- records
@@ -178,10 +219,12 @@ class ProxyTuned:
                         untuned: str | Sequence[str], alpha: float | Sequence[float] = 1.0,
                         *, formats: dict[str, str | None] | None = None,
                         tokenizer: str | None = None, dtype: str = "float32",
-                        device: str = "cpu", allow_pickle: bool = False) -> ProxyTuned:
+                        device: str = "cpu", allow_pickle: bool = False,
+                        prompts: Sequence[str] = ()) -> ProxyTuned:
         """Load the models. `formats` maps a role ("large", "tuned", "untuned") to a prompt
         format ("raw", "chat" or a `{prompt}` template). Everything is validated (folders,
-        α, tokenizers) before the first weight is read."""
+        α, tokenizers, and that each of `prompts` fits every model's context) before the
+        first weight is read."""
         tuned = [tuned] if isinstance(tuned, str) else list(tuned)
         untuned = [untuned] if isinstance(untuned, str) else list(untuned)
         alphas = [alpha] * len(tuned) if isinstance(alpha, int | float) else list(alpha)
@@ -195,58 +238,30 @@ class ProxyTuned:
         formats = formats or {}
         paths = [("large", large)] + [r for t, u in zip(tuned, untuned, strict=True)
                                       for r in (("tuned", t), ("untuned", u))]
-        for _, p in paths:
-            check_folder(p, allow_pickle)
-        shared = load_tokenizer(tokenizer) if tokenizer else None
-        toks: dict[str, Any] = {}
-        for _, p in paths:
-            if p not in toks:
-                toks[p] = load_tokenizer(p) if _has_tokenizer(p) or shared is None else shared
-        ref = toks[large]
-        vocab0 = ref.get_vocab()
-        for _, p in paths[1:]:
-            if toks[p] is ref:
-                continue
-            diff = first_vocab_difference(vocab0, toks[p].get_vocab())
-            if diff:
-                raise UserError(f"tokenizers of {large} and {p} differ: first differing "
-                                f"token at {diff}")
+        confs = {p: check_folder(p, allow_pickle) for _, p in paths}
+        toks = _tokenizers(paths, tokenizer)
+        members = [Member(p, role, None, toks[p], formats.get(role), context_length(confs[p]))
+                   for role, p in paths]
+        check_prompt_lengths(members, prompts)
         from lmalloy.io.models import load_causal_lm
 
         loaded: dict[str, Any] = {}
-        members = []
-        for role, p in paths:
-            if p not in loaded:
-                loaded[p] = load_causal_lm(p, allow_pickle, dtype).to(device)
-            model = loaded[p]
-            members.append(Member(p, role, model, toks[p], formats.get(role),
-                                  context_length(model.config)))
+        for m in members:
+            if m.name not in loaded:
+                loaded[m.name] = load_causal_lm(m.name, allow_pickle, dtype).to(device)
+            m.model = loaded[m.name]
         pairs = [(members[1 + 2 * i], members[2 + 2 * i]) for i in range(len(tuned))]
         return cls(members[0], pairs, alphas)
 
     # ------------------------------------------------------------ tokenisation
 
     def encode_prompt(self, m: Member, prompt: str) -> list[int]:
-        text, templated = format_prompt(m.fmt, prompt, m.tokenizer)
-        ids = m.tokenizer(text, add_special_tokens=not templated)["input_ids"]
-        if not ids:  # an empty prompt starts from BOS (or EOS, the document separator)
-            bos = m.tokenizer.bos_token_id
-            ids = [bos if bos is not None else self.pad_id if self.eos_id is None
-                   else self.eos_id]
-        return list(ids)
+        return prompt_ids(m, prompt)
 
     def check_lengths(self, prompts: Sequence[str]) -> dict[int, list[list[int]]]:
         """Each member's prompt ids (index -> rows); a prompt that leaves no room in a
         model's context window is a UserError."""
-        out = {}
-        for k, m in enumerate(self.members):
-            rows = [self.encode_prompt(m, p) for p in prompts]
-            for i, r in enumerate(rows):
-                if m.ctx_len is not None and len(r) >= m.ctx_len:
-                    raise UserError(f"prompt {i + 1} is {len(r)} tokens for {m.name}, not "
-                                    f"shorter than its context window of {m.ctx_len} tokens")
-            out[k] = rows
-        return out
+        return check_prompt_lengths(self.members, prompts)
 
     # ------------------------------------------------------------ full-sequence logits
 

@@ -49,13 +49,13 @@ def read_choices(path: str) -> list[dict]:
     return items
 
 
-def _load(cfg):
+def _load(cfg, prompts=()):
     from lmalloy.proxy.model import ProxyTuned
 
     return ProxyTuned.from_pretrained(cfg.large, cfg.tuned, cfg.untuned, cfg.alphas(),
                                       formats=cfg.formats(), tokenizer=cfg.tokenizer,
                                       dtype=cfg.dtype, device=cfg.device,
-                                      allow_pickle=cfg.allow_pickle)
+                                      allow_pickle=cfg.allow_pickle, prompts=prompts)
 
 
 def generate_main(cfg) -> int:
@@ -63,8 +63,7 @@ def generate_main(cfg) -> int:
     from lmalloy.io.writer import atomic_write_text, check_output_file
 
     out = check_output_file(cfg.out, cfg.overwrite) if cfg.out else None
-    proxy = _load(cfg)
-    proxy.check_lengths(prompts)  # every prompt fits before the first token is generated
+    proxy = _load(cfg, prompts)  # every prompt fits before the first weight is read
     stream = out is None and not cfg.json_output and len(prompts) == 1
     results = []
     for s in range(0, len(prompts), cfg.batch_size):
@@ -101,12 +100,14 @@ def gap_closed(large: float, proxy: float, tuned_large: float) -> float:
 
 
 def _check_eval(cfg) -> None:
+    from lmalloy.io.folder import context_length
+
     for p in [cfg.large, *cfg.tuned, *cfg.untuned] + ([cfg.tuned_large] if cfg.tuned_large
                                                       else []):
         from lmalloy.proxy.model import check_folder
 
         conf = check_folder(p, cfg.allow_pickle)
-        limit = conf.get("max_position_embeddings")
+        limit = context_length(conf)
         if cfg.perplexity and limit and cfg.seq_len > limit:
             raise UserError(f"`--seq-len` {cfg.seq_len} is above {p}'s context window of "
                             f"{limit} tokens")

@@ -141,11 +141,13 @@ def save_reward_model(model, folder: Path, aux_from: Path, meta: dict) -> None:
     (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def _check_inits(paths: list[str]) -> None:
+def _check_inits(paths: list[str], seq_len: int) -> None:
     from lmalloy.io.folder import compare_tensors, open_model
     from lmalloy.io.tokenizer_files import check_same_tokenizer
 
     folders = [open_model(p) for p in paths]
+    for f in folders:
+        f.check_seq_len(seq_len)
     for m in folders[1:]:
         if m.architecture != folders[0].architecture:
             raise UserError(f"--base-model: {m.path} is {m.architecture}, {paths[0]} is "
@@ -165,7 +167,7 @@ def main(cfg) -> int:
     from lmalloy.train.trainer import Dist
 
     pairs = [p for f in cfg.pairs for p in read_pairs(f)]
-    _check_inits(cfg.base_model)
+    _check_inits(cfg.base_model, cfg.seq_len)
     out = check_output(cfg.out, cfg.overwrite, inputs=cfg.base_model)
     dist = Dist.init()
     if dist.world > 1:

@@ -52,9 +52,14 @@ def resume_config(cfg, out: Path):
 
 def check_run_folder(cfg):
     """Validate --out/--resume/--overwrite; returns (cfg, out, step to resume from or None)."""
+    import os
+
     from lmalloy.io.runs import STATE_FILE, list_checkpoints
     from lmalloy.io.writer import check_output
 
+    if cfg.distributed == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise UserError("`--distributed fsdp` shards the model across the processes that "
+                        "torchrun starts: run `torchrun --nproc-per-node N -m lmalloy ...`")
     out = Path(cfg.out).resolve()
     if not cfg.resume:
         check_output(out, cfg.overwrite)
@@ -305,10 +310,7 @@ def _check_finetune(cfg, out: Path) -> None:
     from lmalloy.io.folder import loaded_names, open_model
 
     src = open_model(cfg.base_model, allow_pickle=cfg.allow_pickle)
-    limit = src.config.get("max_position_embeddings")
-    if limit and cfg.seq_len > limit:
-        raise UserError(f"`--seq-len` {cfg.seq_len} is above {cfg.base_model}'s maximum of "
-                        f"{limit} positions")
+    src.check_seq_len(cfg.seq_len)
     check_patterns(loaded_names(src.tensors), cfg.freeze, cfg.train_only)
     Tok.load(cfg.base_model)
     base = Path(cfg.base_model).resolve()
