@@ -76,6 +76,7 @@ class Zoo:
         self.llama2 = make_llama(root / "llama2", tok, seed=7)
         self.wide = make_llama(root / "wide", tok, intermediate=96)
         self.deep = make_llama(root / "deep", tok, layers=3)
+        self.h64 = make_llama(root / "h64", tok, hidden=64)
         tok2 = make_tokenizer(root / "tok2", vocab_size=300)
         self.other_tok = make_llama(root / "other_tok", tok2, vocab=320)
         self.no_tok = make_llama(root / "no_tok")
@@ -289,8 +290,10 @@ ROWS: list[Row] = [
     Row("pretrain-zero-epochs", lambda z, o: P(z, epochs=0, out=o), "`--epochs`"),
     Row("pretrain-fsdp-without-torchrun", lambda z, o: P(z, distributed="fsdp", out=o),
         "torchrun"),
-    Row("pretrain-corpus-too-small", lambda z, o: P(z, seq_len=1000, out=o)
-        + ["--max-chars-per-domain", "100"], "fewer than one sequence", fast=False),
+    Row("pretrain-corpus-too-small", lambda z, o: P(z, seq_len=1000, global_batch_tokens=4000,
+                                                    domains="alpha", out=o)
+        + ["--max-chars-per-domain", "50"],
+        "fewer than one sequence", fast=False),
     # ------------------------------------------------------------------ finetune
     Row("finetune-base-missing", lambda z, o: ["finetune", "--base-model", z.root / "nowhere",
                                                "--out", o], "not found"),
@@ -334,8 +337,8 @@ ROWS: list[Row] = [
         "does not use", fast=False),
     Row("eval-unknown-domain", lambda z, o: ["eval", z.llama, "--data", z.data, "--domains",
                                              "gamma"], "gamma"),
-    Row("eval-no-tokens", lambda z, o: ["eval", z.llama, "--data", z.data, "--seq-len", "255"],
-        "no val tokens", fast=False),
+    Row("eval-no-tokens", lambda z, o: ["eval", z.llama, "--data", z.data, "--val-fraction",
+                                        "0"], "no val tokens", fast=False),
     Row("eval-config-array", lambda z, o: ["eval", z.cfg_array], "JSON object"),
     Row("eval-reward-model", lambda z, o: ["eval", z.rms[0], "--data", z.data],
         "not a causal language model"),
@@ -370,7 +373,7 @@ ROWS: list[Row] = [
     Row("average-truncated", lambda z, o: ["average", z.llama, z.truncated, "--out", o],
         "truncated"),
     Row("average-missing-tensor", lambda z, o: ["average", z.llama, z.missing, "--out", o],
-        "lacks 1 tensor"),
+        "lacks: `model.norm.weight`"),
     # ------------------------------------------------------------------ merge
     Row("merge-unknown-method", lambda z, o: [M, "--method", "tie", "--models",
                                               f"{z.llama},{z.llama2}", "--out", o],
@@ -386,7 +389,7 @@ ROWS: list[Row] = [
                                              "densty=0.5", "--out", o], "did you mean `density`"),
     Row("merge-density-range", lambda z, o: [M, "--method", "ties", "--base-model", z.llama,
                                              "--models", z.llama2, "--parameters",
-                                             "density=1.5", "--out", o], "must be in (0, 1]"),
+                                             "weight=1,density=1.5", "--out", o], "must be in (0, 1]"),
     Row("merge-weights-sum-zero", lambda z, o: [M, "--models", f"{z.llama},{z.llama2}",
                                                 "--weights", "1,-1", "--out", o], "sum to 0"),
     Row("merge-weights-count", lambda z, o: [M, "--models", f"{z.llama},{z.llama2}",
@@ -417,7 +420,8 @@ ROWS: list[Row] = [
                                                         "--tokenizer-source", z.root / "no",
                                                         "--out", o], "is not a folder"),
     Row("merge-nan-ties", lambda z, o: [M, "--method", "ties", "--base-model", z.llama,
-                                        "--models", z.nan, "--out", o],
+                                        "--models", z.nan, "--parameters", "weight=1",
+                                        "--out", o],
         "contains NaN or Inf", fast=False),
     Row("merge-nan-linear", lambda z, o: [M, "--models", f"{z.llama},{z.nan}", "--out", o],
         "contains NaN or Inf", fast=False),
@@ -429,7 +433,7 @@ ROWS: list[Row] = [
                                             z.llama / "m"], "inside the input"),
     Row("merge-trim-model-gradient", lambda z, o: [M, yaml_file(z, "tg.yaml", (
         f"merge_method: ties\nbase_model: {z.llama}\nmodels:\n  - model: {z.llama2}\n"
-        "    parameters: {density: [0.2, 0.8]}\nties_trim: model\n")), "--out", o],
+        "    parameters: {weight: 1, density: [0.2, 0.8]}\nties_trim: model\n")), "--out", o],
         "one density per model"),
     Row("merge-parameters-syntax", lambda z, o: [M, "--models", f"{z.llama},{z.llama2}",
                                                  "--parameters", "weight", "--out", o],
@@ -471,7 +475,7 @@ ROWS: list[Row] = [
     Row("lora-bake-no-base", lambda z, o: [M, "--method", "bake", "--models", z.ad[0], "--out",
                                            o], "--base-model"),
     Row("lora-bake-wrong-base", lambda z, o: [M, "--method", "bake", "--models", z.ad[0],
-                                              "--base-model", z.wide, "--out", o],
+                                              "--base-model", z.h64, "--out", o],
         "not this adapter's base"),
     Row("lora-cat-on-models", lambda z, o: [M, "--method", "cat", "--models",
                                             f"{z.llama},{z.llama2}", "--out", o],
@@ -483,7 +487,7 @@ ROWS: list[Row] = [
     Row("lorahub-nan", lambda z, o: [M, "lorahub", z.ad[0], z.ad_nan, "--base-model", z.llama,
                                      "--out", o], "contains NaN or Inf"),
     Row("lorahub-wrong-base", lambda z, o: [M, "lorahub", z.ad[0], z.ad[1], "--base-model",
-                                            z.wide, "--out", o], "not the adapters' base"),
+                                            z.h64, "--out", o], "not the adapters' base"),
     Row("lorahub-seq-beyond", lambda z, o: [M, "lorahub", z.ad[0], z.ad[1], "--base-model",
                                             z.llama, "--seq-len", "4096", "--out", o],
         "maximum of 256"),
@@ -556,7 +560,7 @@ ROWS: list[Row] = [
         "NaN or Inf", fast=False),
     # ------------------------------------------------------------------ moe analyze
     Row("analyze-dense", lambda z, o: ["moe", "analyze", z.llama, "--out", o],
-        "not a mixture of experts"),
+        "is a dense model"),
     Row("analyze-init-mismatch", lambda z, o: ["moe", "analyze", z.moe, "--init", z.moe8,
                                                "--out", o], "has 8 experts"),
     Row("analyze-seq-beyond", lambda z, o: ["moe", "analyze", z.moe, "--seq-len", "4096",
@@ -568,7 +572,7 @@ ROWS: list[Row] = [
     Row("analyze-out-exists", lambda z, o: ["moe", "analyze", z.moe, "--out", o],
         "already exists", exists=True),
     Row("analyze-no-sequences", lambda z, o: ["moe", "analyze", z.moe, "--data", z.data,
-                                              "--seq-len", "255", "--out", o],
+                                              "--val-fraction", "0", "--out", o],
         "no val sequences", fast=False),
     Row("analyze-unknown-domain", lambda z, o: ["moe", "analyze", z.moe, "--data", z.data,
                                                 "--domains", "gamma", "--out", o], "gamma",
@@ -733,7 +737,7 @@ ROWS: list[Row] = [
     Row("demo-unknown-stage", lambda z, o: ["demo", "--stages", "mergng", "--out", o],
         "did you mean `merging`"),
     Row("demo-out-unwritable", lambda z, o: ["demo", "--out", z.text_file / "demo"],
-        "not a folder"),
+        "not a directory"),
 ]
 
 

@@ -23,6 +23,8 @@ from typing import Any
 from lmalloy.errors import UserError
 from lmalloy.io.dtypes import SIZES, st_dtype, torch_dtype
 
+# buffers some checkpoints carry that transformers recomputes: never compared or required
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # files copied beside the weights when a model folder is re-written
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -387,11 +389,15 @@ def compare_tensors(ref: ModelFolder, others, rows_may_differ=None) -> set[str]:
     are listed (the first few) with both folders named.
     """
     padded: set[str] = set()
-    names = set(ref.tensors)
+
+    def kept(folder) -> set[str]:
+        return {n for n in folder.tensors if not n.endswith(IGNORABLE_SUFFIXES)}
+
+    names = kept(ref)
     for f in others:
         if f is ref:
             continue
-        missing, extra = sorted(names - set(f.tensors)), sorted(set(f.tensors) - names)
+        missing, extra = sorted(names - kept(f)), sorted(kept(f) - names)
         if missing or extra:
             parts = []
             if missing:
@@ -402,8 +408,8 @@ def compare_tensors(ref: ModelFolder, others, rows_may_differ=None) -> set[str]:
                              + _names(extra))
             raise UserError("; ".join(parts))
         bad = []
-        for n, t in ref.tensors.items():
-            a, b = t.shape, f.tensors[n].shape
+        for n in sorted(names):
+            a, b = ref.tensors[n].shape, f.tensors[n].shape
             if a == b:
                 continue
             if (rows_may_differ is not None and rows_may_differ(n) and len(a) == len(b)

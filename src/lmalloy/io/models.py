@@ -28,8 +28,6 @@ def is_causal_lm(config: dict) -> bool:
     return not archs or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
 
 
-# buffers some checkpoints carry that transformers recomputes (never an error)
-_IGNORABLE = ("rotary_emb.inv_freq",)
 
 
 def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (),
@@ -50,7 +48,9 @@ def _load(cls, path: str | Path, what: str, allow_missing: tuple[str, ...] = (),
         raise UserError(f"{path}: the folder lacks {len(missing)} weight(s) the "
                         f"architecture needs (e.g. `{sorted(missing)[0]}`); refusing to run "
                         "on randomly initialised tensors")
-    extra = [k for k in info.get("unexpected_keys", ()) if not k.endswith(_IGNORABLE)
+    from lmalloy.io.folder import IGNORABLE_SUFFIXES
+
+    extra = [k for k in info.get("unexpected_keys", ()) if not k.endswith(IGNORABLE_SUFFIXES)
              and not any(k.startswith(a) for a in allow_unexpected)]
     if extra:
         raise UserError(f"{path}: the folder has {len(extra)} weight(s) its config's "

@@ -28,7 +28,7 @@ def _progress(p: Plan):
     from tqdm import tqdm
 
     return tqdm(total=p.bytes_in, unit="B", unit_scale=True, desc=f"merge {p.cfg.method}",
-                file=sys.stderr, leave=False)
+                file=sys.stderr, leave=False, disable=None)
 
 
 def _write_meta(p: Plan, tmp: Path) -> None:

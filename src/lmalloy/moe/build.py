@@ -27,7 +27,6 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "max_position_embeddings", "initializer_range", "rms_norm_eps",
                 "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
                 "sliding_window", "attention_dropout", "rope_parameters")
-_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def check_dense(folder, label: str) -> None:
@@ -53,17 +52,12 @@ def check_same(base, other, label: str) -> None:
     if other.architecture != base.architecture:
         raise UserError(f"{label} {other.path} is {other.architecture}; the base is "
                         f"{base.architecture}")
-    names = {n for n in base.tensors if not n.endswith(_SKIP_SUFFIXES)}
-    theirs = {n for n in other.tensors if not n.endswith(_SKIP_SUFFIXES)}
-    if names != theirs:
-        diff = sorted(names ^ theirs)[0]
-        side = "lacks" if diff in names else "has an extra"
-        raise UserError(f"{label} {other.path} {side} tensor `{diff}` compared with the base")
-    for n in sorted(names):
-        a, b = base.tensors[n].shape, other.tensors[n].shape
-        if a != b:
-            raise UserError(f"{label} {other.path}: `{n}` has shape {list(b)}, the base's is "
-                            f"{list(a)}")
+    from lmalloy.io.folder import compare_tensors
+
+    try:
+        compare_tensors(base, [other])
+    except UserError as e:
+        raise UserError(f"{label}: {e}") from None
 
 
 def mixtral_config(dense: dict, n_experts: int, top_k: int, aux_coef: float, dtype: str
@@ -184,7 +178,9 @@ def _warn_collinear(gates, n_layers: int) -> list:
 
 def _tensor_groups(base) -> tuple[list[str], dict[int, list[str]], list[str]]:
     """The base's non-FFN tensors: before the layers (embeddings), per layer, after."""
-    names = [n for n in base.tensors if not n.endswith(_SKIP_SUFFIXES)]
+    from lmalloy.io.folder import IGNORABLE_SUFFIXES
+
+    names = [n for n in base.tensors if not n.endswith(IGNORABLE_SUFFIXES)]
     non_ffn = [n for n in names if not is_dense_ffn(n)]
     head = [n for n in non_ffn if _layer_of(n) is None and "embed" in n]
     tail = [n for n in non_ffn if _layer_of(n) is None and n not in head]

@@ -92,6 +92,7 @@ def train_one(model, pairs_ids: list[tuple[list[int], list[int]]], hp: dict, cfg
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=None,
                    mininterval=1.0)
     t0 = time.perf_counter()
     tokens = 0

@@ -91,7 +91,12 @@ def check_overrides(preset: str, overrides: dict) -> None:
         return
     from transformers import LlamaConfig, MixtralConfig
 
-    cls = MixtralConfig if is_moe(PRESETS.get(preset, {})) else LlamaConfig
+    moe = is_moe(PRESETS.get(preset, {}))
+    extra = [k for k in MOE_ONLY if k in overrides and not moe]
+    if extra:
+        raise UserError(f"model_overrides `{extra[0]}` applies to MoE presets only "
+                        "(tiny-moe, small-moe)")
+    cls = MixtralConfig if moe else LlamaConfig
     known = set(cls().to_dict())
     for k in overrides:
         if k not in known:

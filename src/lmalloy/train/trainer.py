@@ -362,6 +362,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                       disable=None,
                        file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         self._window = _LogWindow(time.perf_counter(), self.step)
         last_eval: dict = {}
