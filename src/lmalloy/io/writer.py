@@ -145,18 +145,22 @@ def _alive(pid: int) -> bool:
 
 def clean_stale_tmp(folder: str | Path) -> list[Path]:
     """Remove temporary folders and files left in `folder` by killed writers: only those
-    whose owner process is gone (a running writer's are kept), and an `.old-` copy only
-    when the output it was swapped out of exists. Returns what was removed."""
+    whose owner process is gone (a running writer's are kept). An `.old-` copy whose output
+    is missing (the writer was killed between the two renames of a swap) is the only copy:
+    it is renamed back into place. Returns what was removed."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
-    for p in folder.iterdir():
+    for p in sorted(folder.iterdir(), key=lambda q: ".old-" not in q.name):
         m = _TMP_RE.match(p.name)
         if not m or _alive(int(m.group("pid"))):
             continue
-        if m.group("kind") == "old" and not (folder / m.group("name")).exists():
-            continue  # killed between the two renames of a swap: the only copy, keep it
+        target = folder / m.group("name")
+        if m.group("kind") == "old" and not target.exists():
+            with contextlib.suppress(OSError):
+                os.rename(p, target)  # restore the user's output
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

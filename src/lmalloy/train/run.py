@@ -119,7 +119,7 @@ class RunFolder:
             import os
             import uuid
 
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, old)
             os.rename(self.work, self.out)
             shutil.rmtree(old, ignore_errors=True)
