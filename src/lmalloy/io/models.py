@@ -23,6 +23,26 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def check_device(device: str, flag: str = "--device"):
+    """The torch device named by `device`, or a UserError if it is malformed or absent."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"`{flag}` {device!r} is not a torch device (cpu, cuda, cuda:1, "
+                        "mps, ...)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"`{flag}` {device}: no CUDA device is available here")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"`{flag}` {device}: only {n} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"`{flag}` {device}: MPS is not available here")
+    return dev
+
+
 def is_causal_lm(config: dict) -> bool:
     archs = config.get("architectures") or []
     return not archs or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)

@@ -43,6 +43,36 @@ def tokenizer_vocab_size(folder: str | Path) -> int | None:
         return None
 
 
+def vocab_of(folder: str | Path) -> dict[str, int] | None:
+    """token -> id of the folder's tokenizer.json (its model vocabulary plus added tokens),
+    or None when there is no readable tokenizer.json."""
+    p = Path(folder) / "tokenizer.json"
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+        vocab = dict(data["model"]["vocab"])
+        for a in data.get("added_tokens", []):
+            vocab[a["content"]] = a["id"]
+    except (KeyError, ValueError, TypeError):
+        return None
+    return vocab if isinstance(vocab, dict) else None
+
+
+def first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> str | None:
+    """None when two vocabularies (token -> id) are identical, else a description of the
+    first (lowest-id) token where they differ."""
+    if a == b:
+        return None
+    ia = {i: t for t, i in a.items()}
+    ib = {i: t for t, i in b.items()}
+    for i in range(max(len(ia), len(ib), max(ia, default=-1) + 1, max(ib, default=-1) + 1)):
+        ta, tb = ia.get(i), ib.get(i)
+        if ta != tb:
+            return f"id {i} is {ta!r} vs {tb!r}"
+    return "the vocabularies differ"  # unreachable for dicts with unique ids
+
+
 def check_same_tokenizer(folders, hint: str = "") -> None:
     """UserError naming two folders whose tokenizer files differ (folders without any
     tokenizer file are not compared)."""

@@ -160,19 +160,14 @@ def execute(p: Plan) -> None:
 
 
 def merge(cfg: MergeConfig) -> Path:
-    """Plan (all checks), then stream the merge into `cfg.out`. Returns the output path.
+    """Plan (all checks, before torch is even imported), then stream the merge into
+    `cfg.out`. Returns the output path.
 
     Torch runs one thread (merging is memory-bound; `one_torch_thread` says why); TIES
     spreads its chunks over `--threads` Python workers instead (torch releases the GIL)."""
-    from lmalloy.average.weighted import one_torch_thread
-
-    with one_torch_thread():
-        return _merge(cfg)
-
-
-def _merge(cfg: MergeConfig) -> Path:
     import time
 
+    from lmalloy.average.weighted import one_torch_thread
     from lmalloy.merge.lora import is_adapter, merge_adapters
 
     if any(is_adapter(m.model) for m in cfg.models):
@@ -191,7 +186,8 @@ def _merge(cfg: MergeConfig) -> Path:
     p = plan(cfg)
     p.notes, p.files = notes, files
     t0 = time.perf_counter()
-    execute(p)
+    with one_torch_thread():
+        execute(p)
     dt = time.perf_counter() - t0
     gb = (p.bytes_in + p.bytes_out) / 1e9
     print(f"merged {len(p.models) + (p.base is not None)} models ({cfg.method}) -> {p.output} "

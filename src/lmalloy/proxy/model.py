@@ -33,26 +33,13 @@ import torch
 
 from lmalloy.errors import UserError
 from lmalloy.io.folder import context_length
+from lmalloy.io.tokenizer_files import first_vocab_difference, vocab_of
 from lmalloy.proxy.sampling import combine, next_tokens, repetition_penalty
 
 ROLES = ("large", "tuned", "untuned")
 
 
 # ---------------------------------------------------------------- validation helpers
-
-def first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> str | None:
-    """None when two vocabularies (token -> id) are identical, else a description of the
-    first (lowest-id) token where they differ."""
-    if a == b:
-        return None
-    ia = {i: t for t, i in a.items()}
-    ib = {i: t for t, i in b.items()}
-    for i in range(max(len(ia), len(ib), max(ia, default=-1) + 1, max(ib, default=-1) + 1)):
-        ta, tb = ia.get(i), ib.get(i)
-        if ta != tb:
-            return f"id {i} is {ta!r} vs {tb!r}"
-    return "the vocabularies differ"  # unreachable for dicts with unique ids
-
 
 def check_alphas(alphas: Sequence[float]) -> None:
     for a in alphas:
@@ -103,13 +90,21 @@ def load_tokenizer(path: str):
 
 def _tokenizers(paths: list[tuple[str, str]], tokenizer: str | None) -> dict[str, Any]:
     """Each folder's tokenizer (or the shared `tokenizer` for folders without one); they
-    must agree token for token with the large model's (the first differing token named)."""
+    must agree token for token with the large model's (the first differing token named).
+    The tokenizer.json files are compared first, before transformers loads."""
+    large = paths[0][1]
+    v0 = vocab_of(large)
+    for _, p in paths[1:]:
+        v = vocab_of(p)
+        diff = first_vocab_difference(v0, v) if v0 is not None and v is not None else None
+        if diff:
+            raise UserError(f"tokenizers of {large} and {p} differ: first differing "
+                            f"token at {diff}")
     shared = load_tokenizer(tokenizer) if tokenizer else None
     toks: dict[str, Any] = {}
     for _, p in paths:
         if p not in toks:
             toks[p] = load_tokenizer(p) if _has_tokenizer(p) or shared is None else shared
-    large = paths[0][1]
     ref = toks[large]
     vocab0 = ref.get_vocab()
     for _, p in paths[1:]:
@@ -235,6 +230,9 @@ class ProxyTuned:
         if len(alphas) != len(tuned):
             raise UserError(f"{len(alphas)} --alpha value(s) for {len(tuned)} pair(s)")
         check_alphas(alphas)
+        from lmalloy.io.models import check_device
+
+        check_device(device)
         formats = formats or {}
         paths = [("large", large)] + [r for t, u in zip(tuned, untuned, strict=True)
                                       for r in (("tuned", t), ("untuned", u))]
