@@ -23,7 +23,7 @@ def make_tokenizer(path: Path, vocab_size: int = 320) -> Path:
 def make_llama(path: Path, tokenizer: Path | None = None, seed: int = 0, hidden: int = 32,
                layers: int = 2, vocab: int = 320, dtype: str = "float32", heads: int = 4,
                kv_heads: int = 2, intermediate: int = 64, noise_from: Path | None = None,
-               noise: float = 0.0) -> Path:
+               noise: float = 0.0, tie: bool = False) -> Path:
     """A tiny LlamaForCausalLM saved as an HF folder (optionally a perturbed copy of another)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,7 +32,7 @@ def make_llama(path: Path, tokenizer: Path | None = None, seed: int = 0, hidden:
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
                       pad_token_id=1)
     model = LlamaForCausalLM(cfg)
     if noise_from is not None:

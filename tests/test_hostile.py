@@ -77,6 +77,9 @@ class Zoo:
         self.wide = make_llama(root / "wide", tok, intermediate=96)
         self.deep = make_llama(root / "deep", tok, layers=3)
         self.h64 = make_llama(root / "h64", tok, hidden=64)
+        self.tied = make_llama(root / "tied", tok, tie=True)
+        self.tied_empty = _edit_weights(self.tied, root / "tied_empty", lambda sd: [
+            sd.pop(k) for k in [k for k in sd if "embed" in k or "lm_head" in k]])
         tok2 = make_tokenizer(root / "tok2", vocab_size=300)
         self.other_tok = make_llama(root / "other_tok", tok2, vocab=320)
         self.no_tok = make_llama(root / "no_tok")
@@ -354,10 +357,12 @@ ROWS: list[Row] = [
                                                  "--out", o], "takes one run folder"),
     Row("average-architectures", lambda z, o: ["average", z.llama, z.mistral, "--out", o],
         "architecture"),
-    Row("average-tensor-names", lambda z, o: ["average", z.llama, z.deep, "--out", o],
-        "tensor(s)"),
-    Row("average-shapes", lambda z, o: ["average", z.llama, z.wide, "--out", o],
-        "shape mismatch"),
+    Row("average-layers", lambda z, o: ["average", z.llama, z.deep, "--out", o],
+        "differ in `num_hidden_layers`"),
+    Row("average-sizes", lambda z, o: ["average", z.llama, z.wide, "--out", o],
+        "differ in `intermediate_size`"),
+    Row("average-tie-disagree", lambda z, o: ["average", z.llama, z.tied, "--out", o],
+        "disagree on `tie_word_embeddings`"),
     Row("average-tokenizers", lambda z, o: ["average", z.llama, z.other_tok, "--out", o],
         "tokenizers of"),
     Row("average-nan", lambda z, o: ["average", z.llama, z.nan, "--out", o],
@@ -410,6 +415,10 @@ ROWS: list[Row] = [
         "did you mean `base_model`"),
     Row("merge-architectures", lambda z, o: [M, "--models", f"{z.llama},{z.mistral}", "--out",
                                              o], "different architectures"),
+    Row("merge-tie-disagree", lambda z, o: [M, "--models", f"{z.llama},{z.tied}", "--out", o],
+        "disagree on `tie_word_embeddings`"),
+    Row("merge-tied-no-embedding", lambda z, o: [M, "--models", f"{z.tied},{z.tied_empty}",
+                                                 "--out", o], "neither `lm_head.weight`"),
     Row("merge-lacks-tensor", lambda z, o: [M, "--models", f"{z.llama},{z.missing}", "--out",
                                             o], "lacks 1 tensor"),
     Row("merge-shapes", lambda z, o: [M, "--models", f"{z.llama},{z.wide}", "--out", o],
@@ -519,7 +528,7 @@ ROWS: list[Row] = [
                                                "--out", o], "positive_prompts"),
     Row("moe-expert-shape", lambda z, o: ["moe", "build", "--base-model", z.llama, "--experts",
                                           f"{z.llama2},{z.wide}", "--gate-mode", "random",
-                                          "--out", o], "is [32, 96] in"),
+                                          "--out", o], "differ in `intermediate_size`"),
     Row("moe-expert-tokenizer", lambda z, o: ["moe", "build", "--base-model", z.llama,
                                               "--experts", f"{z.llama2},{z.other_tok}",
                                               "--gate-mode", "random", "--out", o],

@@ -101,7 +101,7 @@ def test_warm_refuses_different_architectures(capsys, tmp_path, rms, tokenizer_d
     big = make_llama(tmp_path / "big", tokenizer_dir, hidden=48, heads=4, kv_heads=2)
     other = _rm(tmp_path, "other", big, seed=0)
     assert_user_error(capsys, "reward", "warm", rms[0], other, "--out", tmp_path / "w",
-                      match="different architectures")
+                      match="differ in `hidden_size`")
     assert not (tmp_path / "w").exists()
 
 

@@ -75,15 +75,17 @@ def swa_lr_lambda(base: Callable[[int], float], start: int, ratio: float,
 
 def hf_state(model: nn.Module, avg: dict[str, torch.Tensor], dtype: torch.dtype | None = None
              ) -> dict[str, torch.Tensor]:
-    """The model's full state dict (every key, tied aliases included) with averaged
-    parameters, cast to `dtype` (default: each tensor's dtype in the model), on CPU."""
+    """The model's state dict as `save_pretrained` stores it (tied aliases left out) with
+    averaged parameters, cast to `dtype` (default: each tensor's dtype in the model), on CPU."""
+    from lmalloy.io.models import saved_state
+
     pname = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for k, v in model.state_dict(keep_vars=True).items():
         n = pname.get(id(v))
         t = avg[n] if n is not None and n in avg else v.detach()
         out[k] = t.to(device="cpu", dtype=dtype or v.dtype)
-    return out
+    return saved_state(model, out)
 
 
 def _check_unit(name: str, v: float) -> None:

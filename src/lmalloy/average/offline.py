@@ -47,15 +47,11 @@ def resolve_inputs(inputs: list[str], last: int | None) -> list[Path]:
 
 def check_compatible(models: list) -> None:
     """One architecture, tokenizer, tensor names and shapes in every input."""
-    from lmalloy.io.folder import compare_tensors
+    from lmalloy.io.folder import check_same_architecture, compare_tensors
     from lmalloy.io.tokenizer_files import check_same_tokenizer
 
-    ref = models[-1]
-    for m in models:
-        if m.architecture != ref.architecture:
-            raise UserError(f"{m.path}: architecture {m.architecture} differs from "
-                            f"{ref.path}'s {ref.architecture}")
-    compare_tensors(ref, models)
+    check_same_architecture(models)
+    compare_tensors(models[-1], models)
     check_same_tokenizer(models)
 
 

@@ -323,7 +323,32 @@ def open_model(path: str | Path, allow_pickle: bool = False, require_config: boo
             a, b = meta["data_offsets"]
             tensors[name] = TensorInfo(name, f, meta["dtype"], tuple(meta["shape"]),
                                        (start + a, start + b))
-    return ModelFolder(p_dir, config, tensors, files)
+    return ModelFolder(p_dir, config, _tied_view(config, tensors, p_dir), files)
+
+
+EMBED_RE = re.compile(r"(^|\.)(embed_tokens|wte|embed_in)\.weight$")
+HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+
+
+def is_tied(config: dict) -> bool:
+    """Whether the config ties the LM head to the input embedding."""
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def _tied_view(config: dict, tensors: dict, path: Path) -> dict:
+    """A tied model's tensors as transformers reads them: the LM head is the embedding, so
+    a stored head (an older writer's duplicate) is not a tensor of its own. Folders of one
+    tied config then hold the same tensor set whoever wrote them."""
+    if not is_tied(config):
+        return tensors
+    heads = [n for n in tensors if HEAD_RE.search(n)]
+    if not any(EMBED_RE.search(n) for n in tensors):
+        if heads:  # a head alone: transformers ties the embedding to it
+            return tensors
+        raise UserError(f"{path}: the config ties the LM head to the embedding "
+                        "(`tie_word_embeddings: true`), but the folder has neither "
+                        "`lm_head.weight` nor an embedding tensor")
+    return {n: t for n, t in tensors.items() if n not in heads}
 
 
 def _open_pickle(first: Path, folder: Path, config: dict, allow: bool,
@@ -347,7 +372,8 @@ def _open_pickle(first: Path, folder: Path, config: dict, allow: bool,
         state.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
     tensors = {k: TensorInfo(k, first, st_dtype(v.dtype), tuple(v.shape), (0, 0))
                for k, v in state.items()}
-    return ModelFolder(folder, config, tensors, list(files or [first]), pickle_state=state)
+    return ModelFolder(folder, config, _tied_view(config, tensors, folder),
+                       list(files or [first]), pickle_state=state)
 
 
 def check_finite(name: str, tensor, where: Path | str) -> None:
@@ -375,6 +401,30 @@ def loaded_names(names) -> list[str]:
             n = rx.sub(rep, n)
         out.append(n)
     return list(dict.fromkeys(out))
+
+
+# config keys fine-tunes of one architecture share (vocab_size may differ by padding)
+ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "num_local_experts", "head_dim", "tie_word_embeddings")
+
+
+def check_same_architecture(folders, keys=ARCH_KEYS) -> None:
+    """UserError unless the folders share an architecture and its sizes (one message for
+    every command that combines models)."""
+    folders = list(folders)
+    if len({(f.architecture, f.model_type) for f in folders}) > 1:
+        desc = "; ".join(f"{f.path}: {f.architecture} ({f.model_type})" for f in folders)
+        raise UserError(f"the models have different architectures: {desc}")
+    for key in keys:
+        default = False if key == "tie_word_embeddings" else None
+        vals = {f.config.get(key, default) for f in folders}
+        if len(vals) > 1:
+            desc = ", ".join(f"{f.path}: {f.config.get(key, default)}" for f in folders)
+            if key == "tie_word_embeddings":
+                raise UserError(f"the models disagree on `tie_word_embeddings` ({desc}): one "
+                                "ties its LM head to its embedding, another does not")
+            raise UserError(f"the models differ in `{key}` ({desc}); they are not fine-tunes "
+                            f"of one architecture")
 
 
 def _names(names: list[str]) -> str:

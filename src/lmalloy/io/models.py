@@ -113,6 +113,30 @@ def load_sequence_classifier(path: str | Path, dtype: str = "float32", config=No
                  dtype=getattr(torch, dtype), **kw)
 
 
+def tied_aliases(model) -> set[str]:
+    """State-dict names that are tied aliases of another parameter (a tied LM head):
+    transformers' `save_pretrained` does not store them, so neither does lmalloy."""
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, (list, tuple, set)):
+        keys = {k: None for k in keys}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied_cfg = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    out = set()
+    for alias, source in keys.items():
+        if alias not in params:
+            continue
+        same = source in params and params[alias] is params[source]
+        if same or tied_cfg:
+            out.add(alias)
+    return out
+
+
+def saved_state(model, state: dict) -> dict:
+    """`state` (the model's full state dict) without its tied aliases: what to write."""
+    drop = tied_aliases(model)
+    return {k: v for k, v in state.items() if k not in drop}
+
+
 def load_weights(model, state: dict) -> None:
     """Copy a folder's state dict into a loaded model (`load_state_dict`), refusing missing
     or unexpected tensors; a tied LM head may be absent (it is the embedding)."""

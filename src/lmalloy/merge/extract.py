@@ -190,15 +190,14 @@ def _not_carried(ft, base, targets: list[Target]) -> tuple[list[str], float, str
 
 def _plan(cfg) -> tuple:
     """(fine-tune, base, target modules, output): every check the headers allow."""
-    from lmalloy.io.folder import compare_tensors, open_model
+    from lmalloy.io.folder import check_same_architecture, compare_tensors, open_model
     from lmalloy.io.writer import check_output
-    from lmalloy.merge.plan import _check_architectures
 
     ft = open_model(cfg.model, allow_pickle=cfg.allow_pickle)
     base = open_model(cfg.base_model, allow_pickle=cfg.allow_pickle)
     if ft.path.resolve() == base.path.resolve():
         raise UserError(f"the fine-tune and the base are the same folder ({ft.path})")
-    _check_architectures([base, ft])
+    check_same_architecture([base, ft])
     compare_tensors(base, [base, ft])
     targets = find_targets(ft, cfg.embed_lora)
     if cfg.rank is not None:

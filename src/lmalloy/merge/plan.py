@@ -69,20 +69,6 @@ class Plan:
         return sum(SIZES[t.dtype] * math.prod(t.shape) for t in self.tensors)
 
 
-def _check_architectures(folders) -> None:
-    archs = {(f.architecture, f.model_type) for f in folders}
-    if len(archs) > 1:
-        desc = "; ".join(f"{f.path}: {f.architecture} ({f.model_type})" for f in folders)
-        raise UserError(f"the models have different architectures: {desc}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "intermediate_size", "num_local_experts"):
-        vals = {f.config.get(key) for f in folders}
-        if len(vals) > 1:
-            desc = ", ".join(f"{f.path}: {f.config.get(key)}" for f in folders)
-            raise UserError(f"the models differ in `{key}` ({desc}); they are not fine-tunes "
-                            f"of one architecture")
-
-
 def _open_inputs(cfg: MergeConfig, method) -> tuple[dict, Any, list, list]:
     """(every folder by resolved path, base, model entries besides the base, their folders)."""
     from lmalloy.io.folder import open_model
@@ -191,6 +177,7 @@ def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: 
 def plan(cfg: MergeConfig) -> Plan:
     """Every check of a merge, in the order a user would fix them; no tensor data read."""
     from lmalloy.io.dtypes import majority_float, name_to_st
+    from lmalloy.io.folder import check_same_architecture
     from lmalloy.io.writer import check_output
     from lmalloy.merge.methods import METHODS
 
@@ -198,7 +185,7 @@ def plan(cfg: MergeConfig) -> Plan:
     seen, base, entries, models = _open_inputs(cfg, method)
     folders = list(seen.values())
     ref = base or models[0]
-    _check_architectures(folders)
+    check_same_architecture(folders)
     tok_from = _check_vocabulary(cfg, ref, folders)
     out_dtype = cfg.dtype or majority_float(t.dtype for t in ref.tensors.values())
     _check_param_names(cfg, method)

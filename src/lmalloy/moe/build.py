@@ -49,12 +49,10 @@ def check_dense(folder, label: str) -> None:
 
 def check_same(base, other, label: str) -> None:
     """UserError unless `other` has the base's architecture, tensor names and shapes."""
-    if other.architecture != base.architecture:
-        raise UserError(f"{label} {other.path} is {other.architecture}; the base is "
-                        f"{base.architecture}")
-    from lmalloy.io.folder import compare_tensors
+    from lmalloy.io.folder import check_same_architecture, compare_tensors
 
     try:
+        check_same_architecture([base, other])
         compare_tensors(base, [other])
     except UserError as e:
         raise UserError(f"{label}: {e}") from None

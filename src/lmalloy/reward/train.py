@@ -143,17 +143,13 @@ def save_reward_model(model, folder: Path, aux_from: Path, meta: dict) -> None:
 
 
 def _check_inits(paths: list[str], seq_len: int) -> None:
-    from lmalloy.io.folder import compare_tensors, open_model
+    from lmalloy.io.folder import check_same_architecture, compare_tensors, open_model
     from lmalloy.io.tokenizer_files import check_same_tokenizer
 
     folders = [open_model(p) for p in paths]
     for f in folders:
         f.check_seq_len(seq_len)
-    for m in folders[1:]:
-        if m.architecture != folders[0].architecture:
-            raise UserError(f"--base-model: {m.path} is {m.architecture}, {paths[0]} is "
-                            f"{folders[0].architecture}; Baklava inits must share an "
-                            "architecture")
+    check_same_architecture(folders)
     compare_tensors(folders[0], folders)
     for p in paths:
         if not (Path(p) / "tokenizer.json").is_file():

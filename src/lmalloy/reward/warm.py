@@ -52,17 +52,15 @@ def _head_info(m) -> tuple:
 
 def check_compatible(folders: list) -> str | None:
     """UserError unless the reward models can be averaged; returns their shared init id."""
-    from lmalloy.io.folder import compare_tensors
+    from lmalloy.io.folder import check_same_architecture, compare_tensors
     from lmalloy.io.tokenizer_files import check_same_tokenizer
     from lmalloy.reward.model import check_reward_folder
 
     ref = folders[0]
     for f in folders:
         check_reward_folder(f.path)
+    check_same_architecture(folders)
     for f in folders[1:]:
-        if f.architecture != ref.architecture:
-            raise UserError(f"different architectures: {f.path} is {f.architecture}, "
-                            f"{ref.path} is {ref.architecture}")
         for key in BODY_KEYS:
             if f.config.get(key) != ref.config.get(key):
                 raise UserError(f"different architectures: `{key}` is {f.config.get(key)} in "

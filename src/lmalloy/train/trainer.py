@@ -289,11 +289,13 @@ class Trainer:
 
     def write_hf(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         """An HF folder: config.json, weights, generation config, tokenizer files."""
+        from lmalloy.io.models import saved_state
+
         self.hf_config.architectures = [self.arch]
         self.hf_config.save_pretrained(folder)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(folder)
-        write_state_dict(folder, state)
+        write_state_dict(folder, saved_state(self.model, state))  # no tied duplicates
         copy_aux_files(self.data.tokenizer_dir, folder)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -316,14 +318,22 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
+            from lmalloy.io.models import tied_aliases
+
+            keys = getattr(self.model, "_tied_weights_keys", None) or {}
+            for alias in tied_aliases(self.model):  # a tied head is its embedding
+                if alias not in weights and isinstance(keys, dict) and keys.get(alias):
+                    weights[alias] = weights[keys[alias]]
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, weights, options=opts)
             set_optimizer_state_dict(self.model, self.opt, ts["optimizer"], options=opts)
         else:
-            missing = set(self.model.state_dict()) - set(weights)
-            if missing:
-                raise UserError(f"--resume: checkpoint {path} lacks `{sorted(missing)[0]}`")
-            self.model.load_state_dict(weights)
+            from lmalloy.io.models import load_weights
+
+            try:
+                load_weights(self.model, weights)
+            except UserError as e:
+                raise UserError(f"--resume: checkpoint {path}: {e}") from None
             self.opt.load_state_dict(ts["optimizer"])
         self.sched.load_state_dict(ts["scheduler"])
         set_rng_state(ts["rng"])
