@@ -99,3 +99,56 @@ def assert_user_error(capsys, *args: str, match: str) -> str:
     assert "Traceback" not in err
     assert match.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+# tiny random configs of the families users bring (transformers' own config classes);
+# vocabulary rows padded past the 320-token test tokenizer, as real checkpoints pad them
+SMALL = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             bos_token_id=0, eos_token_id=0, pad_token_id=1)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"head_dim": 8, "query_pre_attn_scalar": 8,
+                                "sliding_window": 64}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8,
+                                         "sliding_window": 64}),
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
+    "olmo2": ("Olmo2Config", {}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 32,
+                                     "decoder_sparse_step": 1}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "head_dim": 8,
+                                     "decoder_sparse_step": 1}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def make_family(path: Path, family: str, tokenizer: Path | None = None, seed: int = 0,
+                noise_from: Path | None = None, noise: float = 0.0) -> Path:
+    """A tiny random model of `family` saved as an HF folder (with the tokenizer's files)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**{**SMALL, **extra})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if noise_from is not None:
+        base = AutoModelForCausalLM.from_pretrained(noise_from, dtype=torch.float32)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(model.named_parameters(), base.named_parameters(),
+                                      strict=True):
+                p.copy_(q + noise * torch.randn_like(q))
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        for f in tokenizer.iterdir():
+            shutil.copyfile(f, path / f.name)
+    return path

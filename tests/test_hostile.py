@@ -519,7 +519,7 @@ ROWS: list[Row] = [
                                           "--out", o], "at least 2 experts"),
     Row("moe-unsupported-family", lambda z, o: ["moe", "build", "--method", "upcycle",
                                                 "--base-model", z.phi3, "--out", o],
-        "supported dense architectures"),
+        "supported dense families: llama"),
     Row("moe-k-too-large", lambda z, o: ["moe", "build", "--method", "upcycle", "--base-model",
                                          z.llama, "--num-experts", "2", "--experts-per-token",
                                          "3", "--out", o], "more than the 2 experts"),
@@ -552,10 +552,18 @@ ROWS: list[Row] = [
         "--gate-mode", "cheap_embed", "--out", o], "longer than the base's context"),
     Row("moe-yaml-shared-experts", lambda z, o: ["moe", "build", yaml_file(z, "se.yaml", (
         f"base_model: {z.llama}\ngate_mode: random\nexperts: [{z.llama2}, {z.llama2}]\n"
-        f"shared_experts: [{{source_model: {z.llama2}}}]\n")), "--out", o], "shared_experts"),
+        f"shared_experts: [{{source_model: {z.llama2}}}]\n")), "--out", o],
+        "MixtralForCausalLM has no shared expert"),
+    Row("moe-two-shared-experts", lambda z, o: ["moe", "build", yaml_file(z, "s2.yaml", (
+        f"base_model: {z.llama}\ngate_mode: random\nexperts: [{z.llama2}, {z.llama2}]\n"
+        f"shared_experts: [{z.llama2}, {z.llama2}]\n")), "--out", o], "at most one"),
     Row("moe-yaml-architecture", lambda z, o: ["moe", "build", yaml_file(z, "ar.yaml", (
         f"base_model: {z.llama}\ngate_mode: random\nexperts: [{z.llama2}, {z.llama2}]\n"
         "architecture: deepseek\n")), "--out", o], "unknown MoE architecture"),
+    Row("moe-arch-mismatch", lambda z, o: ["moe", "build", "--method", "upcycle",
+                                           "--base-model", z.llama, "--architecture",
+                                           "qwen3_moe", "--out", o],
+        "cannot become a qwen3_moe MoE"),
     Row("moe-yaml-allow-crimes", lambda z, o: ["moe", "build", yaml_file(z, "cr.yaml", (
         f"base_model: {z.llama}\ngate_mode: random\nexperts: [{z.llama2}, {z.llama2}]\n"
         "allow_crimes: true\n")), "--out", o], "allow_crimes"),

@@ -248,15 +248,18 @@ def test_param_accounting_mixtral_8x7b():
     assert c["total"] == c["non_ff"] + 8 * c["ff_per_expert"]
 
 
-def test_param_accounting_matches_transformers(models, capsys):
-    out = models["root"] / "up-per_expert"
-    if not out.exists():
-        run_cli(capsys, "moe", "build", "--method", "upcycle", "--base-model", models["base"],
-                "--num-experts", "4", "--out", out)
+def test_param_accounting_matches_transformers(models, capsys, tmp_path):
+    out = tmp_path / "up"
+    rc, _, err = run_cli(capsys, "moe", "build", "--method", "upcycle", "--base-model",
+                         models["base"], "--num-experts", "4", "--out", out)
+    assert rc == 0, err
     from lmalloy.moe.stats import param_counts
 
     m = _load(out)
-    assert param_counts(m.config.to_dict())["total"] == sum(p.numel() for p in m.parameters())
+    c = param_counts(json.loads((out / "config.json").read_text()))
+    assert c["total"] == sum(p.numel() for p in m.parameters())
+    expert = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n) // 4
+    assert c["ff_per_expert"] == expert and c["active"] == c["total"] - 2 * expert
 
 
 def test_analyze_cli(capsys, models, tmp_path):
@@ -333,8 +336,8 @@ def test_bad_inputs(capsys, models, tmp_path, tokenizer_dir):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=320)
                     ).save_pretrained(gpt)
     line = assert_user_error(capsys, *build, "--method", "upcycle", "--base-model", gpt,
-                             "--out", out, match="GPT2LMHeadModel cannot become a Mixtral")
-    assert "LlamaForCausalLM" in line and "MistralForCausalLM" in line
+                             "--out", out, match="GPT2LMHeadModel (gpt2) has no MoE counterpart")
+    assert "llama (-> MixtralForCausalLM)" in line and "qwen3 (-> Qwen3MoeForCausalLM)" in line
     # an MoE as the dense base
     assert_user_error(capsys, *build, "--method", "upcycle", "--base-model",
                       models["root"] / "compose", "--out", out, match="already a mixture")

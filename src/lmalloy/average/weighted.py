@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,24 @@ def _stream(inputs, combo, sink, entries, ref, progress) -> None:
         sink.end()
         if progress is not None:
             progress(sum(f.tensors[name].nbytes for f in inputs))
+
+
+@contextlib.contextmanager
+def averaged_model(inputs: Sequence, combo, load: Callable[[Path], object], near: Path,
+                   ref=None):
+    """The weighted average loaded as a model: written to a hidden scratch folder beside
+    `near` (the streaming core, then transformers loads it with its own conversions and
+    tying), removed on exit. Memory: one loaded model, never the inputs."""
+    import shutil
+    import uuid
+
+    near = Path(near)
+    scratch = near.parent / f".{near.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_average(inputs, combo, scratch, ref=ref, overwrite=True)
+        yield load(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def average_state(inputs: Sequence, combo, ref=None) -> dict:

@@ -132,25 +132,10 @@ def tied_aliases(model) -> set[str]:
 
 
 def saved_state(model, state: dict) -> dict:
-    """`state` (the model's full state dict) without its tied aliases: what to write."""
+    """`state` (the model's full, in-memory state dict) as `save_pretrained` stores it:
+    without tied aliases, and with transformers' load-time conversions reverted (e.g. the
+    fused in-memory MoE experts written back per expert, as every checkpoint has them)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     drop = tied_aliases(model)
-    return {k: v for k, v in state.items() if k not in drop}
-
-
-def load_weights(model, state: dict) -> None:
-    """Copy a folder's state dict into a loaded model (`load_state_dict`), refusing missing
-    or unexpected tensors; a tied LM head may be absent (it is the embedding)."""
-    import torch
-
-    with torch.no_grad():
-        res = model.load_state_dict(state, strict=False)
-    tied = set()
-    if getattr(model.config, "tie_word_embeddings", False):
-        tied = {n for n, p in model.named_parameters()
-                if p is model.get_input_embeddings().weight}
-        tied |= {k for k in model.state_dict() if k.endswith("lm_head.weight")}
-    missing = [k for k in res.missing_keys if k not in tied]
-    if missing or res.unexpected_keys:
-        what = (f"lacks `{sorted(missing)[0]}`" if missing else
-                f"has an unexpected tensor `{sorted(res.unexpected_keys)[0]}`")
-        raise UserError(f"the weights do not fit the model: the state {what}")
+    return revert_weight_conversion(model, {k: v for k, v in state.items() if k not in drop})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from lmalloy.errors import UserError
 
@@ -34,21 +35,19 @@ def _heldout(cfg):
 
 def greedy_select(cfg) -> tuple:
     """(cfg with the chosen models, notes for merge_config.yaml, {file: text} to write)."""
-    from lmalloy.average.weighted import Combination, average_state
+    from lmalloy.average.weighted import Combination, averaged_model
     from lmalloy.io.folder import open_model
-    from lmalloy.io.models import load_causal_lm, load_weights
+    from lmalloy.io.models import load_causal_lm
     from lmalloy.train.heldout import evaluate
 
     tokens, spans, tb = _heldout(cfg)
-    model = load_causal_lm(cfg.models[0].model)
     folders = {m.model: open_model(m.model) for m in cfg.models}
 
     def score(members: list) -> float:
-        state = average_state([folders[m.model] for m in members],
-                              Combination.uniform(len(members)), folders[members[0].model])
-        load_weights(model, state)
-        del state
-        r = evaluate(model, tokens, spans, cfg.seq_len, cfg.eval_tokens, tb)
+        with averaged_model([folders[m.model] for m in members],
+                            Combination.uniform(len(members)), load_causal_lm, Path(cfg.out),
+                            folders[members[0].model]) as model:
+            r = evaluate(model, tokens, spans, cfg.seq_len, cfg.eval_tokens, tb)
         if not r["tokens"]:
             raise UserError(f"greedy_soup: no held-out tokens (documents shorter than "
                             f"--seq-len {cfg.seq_len}?)")

@@ -1,4 +1,4 @@
-"""`lmalloy moe analyze`: how a Mixtral-format MoE routes tokens (Mixtral, arXiv 2401.04088).
+"""`lmalloy moe analyze`: how an MoE routes tokens (Mixtral, arXiv 2401.04088).
 
 Per layer and data domain: the share of consecutive tokens with the same top-1 expert and
 with overlapping top-k sets against the random baselines for the model's E and k (Table
@@ -6,8 +6,10 @@ with overlapping top-k sets against the random baselines for the model's E and k
 bar charts (Figure 7); a page of text with each token coloured by its top-1 expert at
 chosen layers (Figure 8); total vs active parameters from the config alone.
 
-The router logits come from transformers (`output_router_logits=True`), so any Mixtral
-folder works, in either tensor layout.
+The router logits come from transformers (`output_router_logits=True`), so any
+transformers MoE that returns them works: Mixtral (either tensor layout), Qwen2-MoE,
+Qwen3-MoE, OLMoE. Layers that a Qwen MoE keeps dense have no router and are skipped;
+the layers reported are the sparse ones, in order.
 Legend: L layers, N tokens, E experts, k experts per token.
 """
 
@@ -37,13 +39,19 @@ PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b
 
 
 def check_moe(folder, label: str = "") -> dict:
-    """The folder's config, or a UserError when it is not a Mixtral-format MoE."""
-    cfg = folder.config
-    if detect_layout(folder.tensors) is None or not cfg.get("num_local_experts"):
+    """The folder's config with `num_local_experts`, `num_experts_per_tok` and
+    `num_hidden_layers` set as analysed (E, k, sparse layers), or a UserError when it is
+    not an MoE."""
+    from lmalloy.train.moe import moe_spec
+
+    spec = moe_spec(folder.config)
+    if detect_layout(folder.tensors) is None or spec is None:
         raise UserError(f"{label}{folder.path} is a dense model ({folder.architecture}, no "
-                        "router); `moe analyze` needs a Mixtral-format MoE (build one with "
-                        "`lmalloy moe build`)")
-    return cfg
+                        "router); `moe analyze` needs an MoE (Mixtral, Qwen2-MoE, "
+                        "Qwen3-MoE, OLMoE; build one with `lmalloy moe build`)")
+    return {**folder.config, "num_local_experts": spec.experts,
+            "num_experts_per_tok": spec.top_k, "num_hidden_layers": len(spec.sparse_layers),
+            "_config": folder.config}
 
 
 def router_logits(model, sequences: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -268,7 +276,8 @@ def main(cfg) -> int:
         init = analyze_model(load_causal_lm(cfg.init), seqs, cfg.seq_len, k, cfg.batch_size)
     report = {"model": cfg.model, "init": cfg.init, "experts": n_e, "top_k": k,
               "baseline_same_top1": baseline_same_top1(n_e),
-              "baseline_overlap": baseline_overlap(n_e, k), "params": param_counts(mcfg),
+              "baseline_overlap": baseline_overlap(n_e, k),
+              "params": param_counts(mcfg["_config"]),
               "domains": res, "init_domains": init}
     out = Path(cfg.out)
     with atomic_output(out, cfg.overwrite) as tmp:

@@ -1,13 +1,20 @@
-"""`lmalloy moe build`: Mixtral-format MoEs from dense Llama/Mistral-family models.
+"""`lmalloy moe build`: sparse MoEs from dense models — Llama/Mistral into Mixtral,
+Qwen2 into Qwen2-MoE, Qwen3 into Qwen3-MoE (the table in `lmalloy.moe.layout`).
 
 - `upcycle` (Sparse Upcycling, Komatsuzaki et al. 2022): every expert is a copy of the
   dense FFN (optionally with noise), plus a new router. With identical experts the MoE
-  computes exactly the dense model whatever the router: the top-k weights sum to one.
+  computes exactly the dense model whatever the router: the top-k weights sum to one
+  (Qwen MoEs are written with `norm_topk_prob: true` for that, as mergekit-moe does).
 - `compose` (mergekit-moe): attention, norms and embeddings from the base; expert i's
   FFN from fine-tune i; router rows from prompts (see `lmalloy.moe.router`).
 - `btx` (Branch-Train-MiX, Sukhbaatar et al. 2024, arXiv 2403.07816): as compose, but
   every non-FFN tensor is the mean of the fine-tunes' tensors; the router is then
   fine-tuned (`lmalloy finetune --train-only mlp.gate`).
+
+Qwen2-MoE layers have a shared expert with a sigmoid gate. With `shared_experts:` (one
+entry, mergekit-moe's key) its FFN comes from that model and its gate row from that
+entry's prompts like the routers'; without one it is the base's FFN with its down
+projection zeroed — its output is exactly 0 (upcycling stays exact) yet it trains.
 
 Every input is checked (architecture, tensor names and shapes, prompts, context length,
 output folder) before any tensor is read; then tensors stream one at a time from the
@@ -18,33 +25,42 @@ layer's expert tensors (plus the base model when `gate_mode: hidden` runs it).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from lmalloy.errors import UserError
-from lmalloy.moe.layout import SUPPORTED_DENSE, expert_plan, is_dense_ffn, router_name
+from lmalloy.moe.layout import ARCHS, MoeArch, arch_for, expert_plan, is_dense_ffn, router_name
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
                 "max_position_embeddings", "initializer_range", "rms_norm_eps",
                 "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
                 "sliding_window", "attention_dropout", "rope_parameters")
+SUPPORTED = ", ".join(f"{t} (-> {a.architecture})" for a in ARCHS.values()
+                      for t in a.dense_types)
 
 
-def check_dense(folder, label: str) -> None:
-    """UserError unless `folder` is a dense model a Mixtral can be built from."""
-    arch = folder.architecture
-    if arch not in SUPPORTED_DENSE:
-        what = "is already a mixture of experts" if "moe" in arch.lower() or \
-            arch.startswith("Mixtral") else "cannot become a Mixtral"
-        raise UserError(f"{label} {folder.path}: {arch} {what}; supported dense "
-                        f"architectures: {', '.join(SUPPORTED_DENSE)}")
+def check_dense(folder, label: str, name: str | None = None) -> MoeArch:
+    """The MoE architecture `folder` becomes, or a UserError when it cannot become one."""
+    from lmalloy.train.moe import moe_spec
+
+    if moe_spec(folder.config) is not None:
+        raise UserError(f"{label} {folder.path}: {folder.architecture} is already a mixture "
+                        f"of experts; supported dense families: {SUPPORTED}")
+    arch = arch_for(folder.model_type, name)
+    if arch is None:
+        what = f"cannot become a {name} MoE" if name else "has no MoE counterpart here"
+        raise UserError(f"{label} {folder.path}: {folder.architecture} "
+                        f"({folder.model_type}) {what}; supported dense families: {SUPPORTED}")
     cfg = folder.config
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise UserError(f"{label} {folder.path}: `{key}: true`, but Mixtral layers have "
-                            "no biases")
+        if cfg.get(key) and not (arch.biases and key == "attention_bias"):
+            raise UserError(f"{label} {folder.path}: `{key}: true`, but {arch.architecture} "
+                            "layers have no such biases")
     if not any(n.endswith("mlp.gate_proj.weight") for n in folder.tensors):
         raise UserError(f"{label} {folder.path}: no `mlp.gate_proj` tensors (not a SwiGLU "
                         "FFN)")
+    return arch
 
 
 def check_same(base, other, label: str) -> None:
@@ -83,6 +99,23 @@ def mixtral_config(dense: dict, n_experts: int, top_k: int, aux_coef: float, dty
     return dict(sorted(out.items()))
 
 
+def moe_config(dense: dict, arch: MoeArch, n_experts: int, top_k: int, aux_coef: float,
+               dtype: str) -> dict:
+    """config.json of the MoE of `arch` built from a dense config dict (a plain dict)."""
+    if arch.name == "mixtral":
+        return mixtral_config(dense, n_experts, top_k, aux_coef, dtype)
+    out = {k: v for k, v in dense.items() if k not in ("architectures", "transformers_version",
+                                                        "torch_dtype")}
+    inter = dense["intermediate_size"]
+    out.update(architectures=[arch.architecture], model_type=arch.model_type,
+               num_experts=n_experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
+               decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+               router_aux_loss_coef=aux_coef, output_router_logits=False, dtype=dtype)
+    if arch.shared:
+        out["shared_expert_intermediate_size"] = inter
+    return dict(sorted(out.items()))
+
+
 def _layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[2]) if name.startswith("model.layers.") else None
@@ -96,21 +129,21 @@ def _dtype_name(folder) -> str:
                                                          folder.tensors.values())
 
 
-def encode_prompts(cfg, tok, bos: int | None, limit: int | None
+def encode_prompts(experts, tok, bos: int | None, limit: int | None, label: str = "expert"
                    ) -> list[tuple[list[list[int]], list[list[int]]]]:
     """Token ids of each expert's (positive, negative) prompts; checks the context length."""
     pairs = []
-    for i, e in enumerate(cfg.experts):
+    for i, e in enumerate(experts):
         sides = []
         for kind, prompts in (("positive", e.positive_prompts), ("negative", e.negative_prompts)):
             ids = []
             for j, p in enumerate(prompts):
                 x = ([bos] if bos is not None else []) + tok.encode(p)
                 if limit and len(x) > limit:
-                    raise UserError(f"expert {i}'s {kind} prompt {j} is {len(x)} tokens, "
+                    raise UserError(f"{label} {i}'s {kind} prompt {j} is {len(x)} tokens, "
                                     f"longer than the base's context of {limit}")
                 if len(x) == 0:
-                    raise UserError(f"expert {i}'s {kind} prompt {j} is empty")
+                    raise UserError(f"{label} {i}'s {kind} prompt {j} is empty")
                 ids.append(x)
             sides.append(ids)
         pairs.append((sides[0], sides[1]))
@@ -125,8 +158,9 @@ def compute_router(cfg, base, n_layers: int, n_experts: int, hidden: int, pairs)
         std = (base.config.get("initializer_range", 0.02) if cfg.method == "upcycle"
                else 1.0)
         return R.plain_router(cfg.gate_mode, n_layers, n_experts, hidden, cfg.seed, std)
+    embed_name = next(n for n in base.tensors if n.endswith("embed_tokens.weight"))
     if cfg.gate_mode == "cheap_embed":
-        embed = base.read("model.embed_tokens.weight")
+        embed = base.read(embed_name)
         return R.prompt_router(pairs, lambda ps: R.cheap_embedding(embed, ps, n_layers))
     from lmalloy.io.models import load_causal_lm
 
@@ -134,30 +168,55 @@ def compute_router(cfg, base, n_layers: int, n_experts: int, hidden: int, pairs)
     return R.prompt_router(pairs, lambda ps: R.prompt_hidden_states(model, ps))
 
 
-def _open_inputs(cfg) -> tuple:
-    """(base, expert sources, output path, prompt token ids or None); every check first."""
+@dataclass
+class _Build:
+    """Everything one build reads, checked: the inputs, the target and its parts."""
+
+    cfg: Any
+    arch: MoeArch
+    base: Any
+    sources: list
+    shared: Any  # the shared expert's source folder (Qwen2-MoE), or None
+    out: Any
+    pairs: Any  # prompt ids per expert (hidden / cheap_embed), else None
+    shared_pairs: Any
+
+
+def _open_inputs(cfg) -> _Build:
+    """Every input opened and checked, before any tensor is read."""
+    from lmalloy.data.tokenizer import Tok
     from lmalloy.io import check_output, open_model
     from lmalloy.io.tokenizer_files import check_same_tokenizer
 
     base = open_model(cfg.base_model)
-    check_dense(base, "base_model")
+    arch = check_dense(base, "base_model", cfg.architecture)
+    if cfg.layout == "fused" and arch.name != "mixtral":
+        raise UserError(f"`--layout fused` is written for Mixtral only; {arch.architecture} "
+                        "folders use the per-expert names save_pretrained writes")
+    if cfg.shared_experts and not arch.shared:
+        raise UserError(f"`shared_experts`: {arch.architecture} has no shared expert; only "
+                        + ", ".join(a.architecture for a in ARCHS.values() if a.shared)
+                        + " has one")
     sources = []
     for i, e in enumerate(cfg.experts if cfg.method != "upcycle" else []):
-        m = open_model(e.source_model)
-        check_same(base, m, f"expert {i}")
-        sources.append(m)
+        sources.append(open_model(e.source_model))
+        check_same(base, sources[-1], f"expert {i}")
+    shared = None
+    if cfg.shared_experts:
+        shared = open_model(cfg.shared_experts[0].source_model or cfg.base_model)
+        check_same(base, shared, "shared expert")
     check_same_tokenizer([base, *sources], hint=" (experts must share the base's vocabulary)")
-    out = check_output(cfg.out, cfg.overwrite,
-                       inputs=[cfg.base_model, *[e.source_model for e in cfg.experts
-                                                 if e.source_model]])
-    pairs = None
+    out = check_output(cfg.out, cfg.overwrite, inputs=[
+        cfg.base_model, *[e.source_model for e in [*cfg.experts, *cfg.shared_experts]
+                          if e.source_model]])
+    pairs = shared_pairs = None
     if cfg.gate_mode in ("hidden", "cheap_embed"):
-        from lmalloy.data.tokenizer import Tok
-
-        c = base.config
-        pairs = encode_prompts(cfg, Tok.load(cfg.base_model), c.get("bos_token_id"),
-                               c.get("max_position_embeddings"))
-    return base, sources, out, pairs
+        tok, c = Tok.load(cfg.base_model), base.config
+        bos, limit = c.get("bos_token_id"), base.context_length
+        pairs = encode_prompts(cfg.experts, tok, bos, limit)
+        if cfg.shared_experts:
+            shared_pairs = encode_prompts(cfg.shared_experts, tok, bos, limit, "shared expert")
+    return _Build(cfg, arch, base, sources, shared, out, pairs, shared_pairs)
 
 
 def _warn_collinear(gates, n_layers: int) -> list:
@@ -189,48 +248,50 @@ def _tensor_groups(base) -> tuple[list[str], dict[int, list[str]], list[str]]:
     return head, per_layer, tail
 
 
-def _plan(cfg, base, groups, sd: str) -> list:
+def _plan(b: _Build, groups, sd: str) -> list:
     head, per_layer, tail = groups
-    c = base.config
+    c = b.base.config
     n_layers, hidden, inter = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
-    plan = [(n, sd, base.tensors[n].shape) for n in head]
+    plan = [(n, sd, b.base.tensors[n].shape) for n in head]
     for layer in range(n_layers):
-        plan += [(n, sd, base.tensors[n].shape) for n in per_layer.get(layer, [])]
-        plan.append((router_name(layer, cfg.layout), sd, (cfg.n_experts, hidden)))
-        plan += [(n, sd, s) for n, s in expert_plan(layer, cfg.n_experts, hidden, inter,
-                                                    cfg.layout)]
-    return plan + [(n, sd, base.tensors[n].shape) for n in tail]
+        plan += [(n, sd, b.base.tensors[n].shape) for n in per_layer.get(layer, [])]
+        plan.append((router_name(layer, b.cfg.layout, b.arch), sd, (b.cfg.n_experts, hidden)))
+        plan += [(n, sd, s) for n, s in expert_plan(layer, b.cfg.n_experts, hidden, inter,
+                                                    b.cfg.layout, b.arch)]
+    return plan + [(n, sd, b.base.tensors[n].shape) for n in tail]
 
 
-def _non_ffn_tensor(cfg, base, sources, name: str, dtype):
+def _non_ffn_tensor(b: _Build, name: str, dtype):
     """The base's tensor; for btx the mean of the fine-tunes' (fp32)."""
-    if cfg.method != "btx":
-        return base.read(name).to(dtype)
+    if b.cfg.method != "btx":
+        return b.base.read(name).to(dtype)
     acc = None
-    for m in sources:
+    for m in b.sources:
         t = m.read(name).float()
         acc = t if acc is None else acc.add_(t)
-    return (acc / len(sources)).to(dtype)
+    return (acc / len(b.sources)).to(dtype)
 
 
-def _ffns(cfg, base, sources, layer: int, dtype, gen) -> list[dict]:
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _ffns(b: _Build, layer: int, dtype, gen) -> list[dict]:
     """Each expert's dense FFN {gate_proj, up_proj, down_proj} for one layer."""
     import torch
 
     from lmalloy.moe.layout import dense_ffn_name
 
-    projs = ("gate_proj", "up_proj", "down_proj")
-    if cfg.method != "upcycle":
-        return [{p: m.read(dense_ffn_name(layer, p)).to(dtype) for p in projs}
-                for m in sources]
-    dense = {p: base.read(dense_ffn_name(layer, p)) for p in projs}
+    if b.cfg.method != "upcycle":
+        return [{p: m.read(dense_ffn_name(layer, p)).to(dtype) for p in PROJS}
+                for m in b.sources]
+    dense = {p: b.base.read(dense_ffn_name(layer, p)) for p in PROJS}
     out = []
-    for _ in range(cfg.n_experts):
+    for _ in range(b.cfg.n_experts):
         f = {}
         for p, w in dense.items():
-            if cfg.noise:
+            if b.cfg.noise:
                 w32 = w.float()
-                f[p] = (w32 + cfg.noise * w32.std() * torch.randn(w32.shape, generator=gen)
+                f[p] = (w32 + b.cfg.noise * w32.std() * torch.randn(w32.shape, generator=gen)
                         ).to(dtype)
             else:
                 f[p] = w.to(dtype)
@@ -238,24 +299,51 @@ def _ffns(cfg, base, sources, layer: int, dtype, gen) -> list[dict]:
     return out
 
 
-def _write(cfg, base, sources, groups, gates, w, dtype) -> None:
+def _shared_ffn(b: _Build, layer: int, gate_row, dtype) -> dict | None:
+    """The shared expert of one layer (with its gate row), where the architecture has one."""
+    from lmalloy.moe.layout import dense_ffn_name
+
+    if not b.arch.shared:
+        return None
+    src = b.shared or b.base
+    f = {p: src.read(dense_ffn_name(layer, p)).to(dtype) for p in PROJS}
+    if b.shared is None:  # no shared expert given: its output is 0 until it is trained
+        f["down_proj"] = f["down_proj"].clone().zero_()
+    f["gate"] = gate_row.to(dtype)  # (1, H)
+    return f
+
+
+def _write(b: _Build, groups, gates, shared_gates, w, dtype) -> None:
     import torch
 
     from lmalloy.moe.layout import expert_tensors
 
     head, per_layer, tail = groups
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(b.cfg.seed + 1)
     for n in head:
-        w.write(n, _non_ffn_tensor(cfg, base, sources, n, dtype))
-    for layer in range(base.config["num_hidden_layers"]):
+        w.write(n, _non_ffn_tensor(b, n, dtype))
+    for layer in range(b.base.config["num_hidden_layers"]):
         for n in per_layer.get(layer, []):
-            w.write(n, _non_ffn_tensor(cfg, base, sources, n, dtype))
-        w.write(router_name(layer, cfg.layout), gates[layer].to(dtype))
-        for n, t in expert_tensors(layer, _ffns(cfg, base, sources, layer, dtype, gen),
-                                   cfg.layout):
+            w.write(n, _non_ffn_tensor(b, n, dtype))
+        w.write(router_name(layer, b.cfg.layout, b.arch), gates[layer].to(dtype))
+        shared = _shared_ffn(b, layer, shared_gates[layer], dtype) if b.arch.shared else None
+        for n, t in expert_tensors(layer, _ffns(b, layer, dtype, gen), b.cfg.layout, b.arch,
+                                   shared):
             w.write(n, t)
     for n in tail:
-        w.write(n, _non_ffn_tensor(cfg, base, sources, n, dtype))
+        w.write(n, _non_ffn_tensor(b, n, dtype))
+
+
+def _routers(b: _Build, n_layers: int, hidden: int):
+    """(L, E, H) router rows, and (L, 1, H) shared-expert gate rows (zeros without one)."""
+    import torch
+
+    gates = compute_router(b.cfg, b.base, n_layers, b.cfg.n_experts, hidden, b.pairs)
+    shared = torch.zeros(n_layers, 1, hidden)
+    if b.cfg.shared_experts:
+        shared = compute_router(b.cfg.model_copy(update={"seed": b.cfg.seed + 7}), b.base,
+                                n_layers, 1, hidden, b.shared_pairs)
+    return gates, shared
 
 
 def build(cfg, quiet: bool = False) -> dict:
@@ -265,31 +353,31 @@ def build(cfg, quiet: bool = False) -> dict:
     from lmalloy.io.writer import ShardedWriter, write_config
     from lmalloy.moe.stats import param_counts
 
-    base, sources, out, pairs = _open_inputs(cfg)
-    c = base.config
+    b = _open_inputs(cfg)
+    c = b.base.config
     n_layers, hidden = c["num_hidden_layers"], c["hidden_size"]
-    dtype_name = cfg.dtype or _dtype_name(base)
+    dtype_name = cfg.dtype or _dtype_name(b.base)
     dtype = torch_dtype(dtype_name)
-    mcfg = mixtral_config(c, cfg.n_experts, cfg.experts_per_token, cfg.router_aux_loss_coef,
-                          dtype_name)
-    groups = _tensor_groups(base)
-    plan = _plan(cfg, base, groups, st_dtype(dtype))
+    mcfg = moe_config(c, b.arch, cfg.n_experts, cfg.experts_per_token,
+                      cfg.router_aux_loss_coef, dtype_name)
+    groups = _tensor_groups(b.base)
+    plan = _plan(b, groups, st_dtype(dtype))
     # -- heavy work starts here
-    gates = compute_router(cfg, base, n_layers, cfg.n_experts, hidden, pairs)  # (L, E, H)
+    gates, shared_gates = _routers(b, n_layers, hidden)
     near = _warn_collinear(gates, n_layers) if not quiet else []
-    with atomic_output(out, cfg.overwrite) as tmp:
+    with atomic_output(b.out, cfg.overwrite) as tmp:
         with ShardedWriter(tmp, plan) as w:
-            _write(cfg, base, sources, groups, gates, w, dtype)
+            _write(b, groups, gates, shared_gates, w, dtype)
         write_config(tmp, mcfg)
-        copy_aux_files(base.path, tmp)
+        copy_aux_files(b.base.path, tmp)
         cfg.save(tmp / "moe_build.yaml")
     counts = param_counts(mcfg)
     if not quiet:
-        print(f"wrote {cfg.method} Mixtral: {cfg.n_experts} experts, top-"
+        print(f"wrote {cfg.method} {b.arch.architecture}: {cfg.n_experts} experts, top-"
               f"{cfg.experts_per_token}, {counts['total'] / 1e6:.2f}M parameters, "
               f"{counts['active'] / 1e6:.2f}M active per token, router {cfg.gate_mode} "
-              f"-> {out}", file=sys.stderr)
-    return {"out": str(out), "collinear": near, **counts}
+              f"-> {b.out}", file=sys.stderr)
+    return {"out": str(b.out), "collinear": near, **counts}
 
 
 def main(cfg) -> int:
@@ -297,4 +385,4 @@ def main(cfg) -> int:
     return 0
 
 
-__all__ = ["build", "main", "check_dense", "check_same", "mixtral_config"]
+__all__ = ["build", "main", "check_dense", "check_same", "mixtral_config", "moe_config"]

@@ -15,8 +15,10 @@ from pydantic import Field, field_validator, model_validator
 from lmalloy.config import Config, positional, threads_field
 from lmalloy.data.config import DataFields
 
-# the MoE architectures `moe build` writes (mergekit-moe's `architecture:` names them too)
-ARCHITECTURES = ("mixtral",)
+# the MoE architectures `moe build` writes (mergekit-moe's `architecture:` names; `qwen` is
+# mergekit-moe's name for Qwen2-MoE); kept in step with lmalloy.moe.layout.ARCHS (a test)
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+_ARCH_ALIASES = {"qwen": "qwen2_moe", "qwen2moe": "qwen2_moe", "qwen3": "qwen3_moe"}
 
 
 class Expert(Config):
@@ -48,8 +50,13 @@ class MoeBuildConfig(Config):
                          "expert copy of W")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="output dtype (default: the base's)")
-    architecture: str = Field("mixtral", description="the MoE architecture written: "
-                              + ", ".join(ARCHITECTURES))
+    architecture: str | None = Field(None, description="the MoE architecture written: "
+                                     + ", ".join(ARCHITECTURES) + " (default: the base's "
+                                     "counterpart: llama/mistral -> mixtral, qwen2 -> "
+                                     "qwen2_moe, qwen3 -> qwen3_moe)")
+    shared_experts: list[Expert] = Field([], description="Qwen2-MoE: the shared expert "
+                                         "(one entry {source_model, positive_prompts}; "
+                                         "default: the base's FFN with its output zeroed)")
     layout: Literal["per_expert", "fused"] = Field(
         "per_expert", description="per_expert: `block_sparse_moe.experts.N.w1/w2/w3` as "
         "transformers' save_pretrained writes Mixtral (also read by transformers 4.x, vLLM, "
@@ -62,7 +69,7 @@ class MoeBuildConfig(Config):
     overwrite: bool = Field(False, description="replace an existing output folder")
     threads: int | None = threads_field()
 
-    @field_validator("experts", mode="before")
+    @field_validator("experts", "shared_experts", mode="before")
     @classmethod
     def _experts(cls, v):
         if isinstance(v, list):
@@ -71,10 +78,11 @@ class MoeBuildConfig(Config):
 
     @field_validator("architecture")
     @classmethod
-    def _arch(cls, v: str) -> str:
+    def _arch(cls, v: str | None) -> str | None:
         from lmalloy.errors import closest
 
-        if v not in ARCHITECTURES:
+        v = _ARCH_ALIASES.get(v, v)
+        if v is not None and v not in ARCHITECTURES:
             raise ValueError(f"unknown MoE architecture `{v}`{closest(v, ARCHITECTURES)}; "
                              f"supported: {', '.join(ARCHITECTURES)}")
         return v
@@ -106,6 +114,12 @@ class MoeBuildConfig(Config):
                 raise ValueError(f"{self.method}: every expert needs a source_model")
             if self.noise:
                 raise ValueError("--noise is for upcycle")
+        if len(self.shared_experts) > 1:
+            raise ValueError(f"at most one shared expert, got {len(self.shared_experts)}")
+        if self.gate_mode in ("hidden", "cheap_embed") and any(
+                not x.positive_prompts for x in self.shared_experts):
+            raise ValueError(f"gate_mode {self.gate_mode}: the shared expert needs "
+                             "positive_prompts")
         e = self.n_experts
         if e < 2:
             raise ValueError(f"an MoE needs at least 2 experts, got {e}")
@@ -147,10 +161,6 @@ class MoeBuildConfig(Config):
         if data.pop("allow_crimes", False):
             raise UserError("`allow_crimes: true`: `moe build` does not mix architectures; "
                             "every expert must be a fine-tune of the base")
-        if data.get("shared_experts"):
-            raise UserError("`shared_experts` needs an MoE architecture with shared experts; "
-                            f"`moe build` writes {', '.join(ARCHITECTURES)}")
-        data.pop("shared_experts", None)
         return data
 
 

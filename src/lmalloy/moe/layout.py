@@ -1,4 +1,13 @@
-"""Tensor names of dense Llama/Mistral models and of Mixtral MoEs, in both Mixtral layouts.
+"""Tensor names of dense models and of the MoEs `moe build` writes from them.
+
+| dense family (model_type) | MoE written | router | expert e's FFN | shared expert |
+|---|---|---|---|---|
+| llama, mistral | Mixtral | `block_sparse_moe.gate` | `block_sparse_moe.experts.e.w1/w3/w2` | — |
+| qwen2 | Qwen2-MoE | `mlp.gate` | `mlp.experts.e.gate_proj/up_proj/down_proj` | `mlp.shared_expert.*` + `mlp.shared_expert_gate` (1, H) |
+| qwen3 | Qwen3-MoE | `mlp.gate` | `mlp.experts.e.gate_proj/up_proj/down_proj` | — |
+
+Every name is the one transformers' `save_pretrained` writes, per expert (transformers 5
+fuses the experts in memory and converts on load).
 
 transformers 5 holds a Mixtral layer's experts as two fused 3-D tensors, but its
 `save_pretrained` writes the per-expert layout that every Mixtral checkpoint uses (and
@@ -18,10 +27,43 @@ Legend: E experts, H hidden size, I FFN (intermediate) size.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-# architectures a Mixtral can be built from: no attention/MLP biases, SwiGLU, RMSNorm
-SUPPORTED_DENSE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 DENSE_FFN = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+@dataclass(frozen=True)
+class MoeArch:
+    """An MoE architecture `moe build` writes, and the dense families it is built from."""
+
+    name: str  # mergekit-moe's `architecture:` name
+    architecture: str
+    model_type: str
+    dense_types: tuple[str, ...]
+    block: str  # module holding the router and experts
+    proj: dict  # dense FFN projection -> expert tensor name
+    experts_key: str  # config key of E
+    shared: bool = False  # a shared expert (and its gate) in every layer
+    biases: bool = False  # attention biases allowed (Qwen2's q/k/v biases)
+
+
+ARCHS: dict[str, MoeArch] = {
+    "mixtral": MoeArch("mixtral", "MixtralForCausalLM", "mixtral", ("llama", "mistral"),
+                       "block_sparse_moe", DENSE_FFN, "num_local_experts"),
+    "qwen2_moe": MoeArch("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", ("qwen2",), "mlp",
+                         {p: p for p in DENSE_FFN}, "num_experts", shared=True, biases=True),
+    "qwen3_moe": MoeArch("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", ("qwen3",), "mlp",
+                         {p: p for p in DENSE_FFN}, "num_experts"),
+}
+# dense model_type -> the MoE architecture it becomes by default
+DEFAULT_ARCH = {t: a.name for a in ARCHS.values() for t in a.dense_types}
+
+
+def arch_for(model_type: str, name: str | None = None) -> MoeArch | None:
+    """The MoE architecture for a dense family (`name` to choose one), or None."""
+    name = name or DEFAULT_ARCH.get(model_type)
+    a = ARCHS.get(name) if name else None
+    return a if a is not None and model_type in a.dense_types else None
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -34,30 +76,44 @@ def is_dense_ffn(name: str) -> bool:
     return bool(m) and m.group(2).startswith("mlp.")
 
 
-def router_name(layer: int, layout: str) -> str:
-    mid = "block_sparse_moe" if layout == "per_expert" else "mlp"
+def router_name(layer: int, layout: str, arch: MoeArch | None = None) -> str:
+    arch = arch or ARCHS["mixtral"]
+    mid = "mlp" if layout == "fused" else arch.block
     return f"model.layers.{layer}.{mid}.gate.weight"
 
 
-def expert_plan(layer: int, n_experts: int, hidden: int, inter: int, layout: str
-                ) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of one layer's expert tensors, in writing order."""
+def _order(arch: MoeArch) -> list[str]:
+    """Dense projections in the writing order of the expert names (sorted, as HF does)."""
+    return sorted(DENSE_FFN, key=lambda p: arch.proj[p])
+
+
+def expert_plan(layer: int, n_experts: int, hidden: int, inter: int, layout: str,
+                arch: MoeArch | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of one layer's expert tensors (and shared expert), in writing order."""
+    arch = arch or ARCHS["mixtral"]
     p = f"model.layers.{layer}"
     if layout == "fused":
         return [(f"{p}.mlp.experts.gate_up_proj", (n_experts, 2 * inter, hidden)),
                 (f"{p}.mlp.experts.down_proj", (n_experts, hidden, inter))]
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+              "down_proj": (hidden, inter)}
     out = []
     for e in range(n_experts):
-        q = f"{p}.block_sparse_moe.experts.{e}"
-        out += [(f"{q}.w1.weight", (inter, hidden)), (f"{q}.w2.weight", (hidden, inter)),
-                (f"{q}.w3.weight", (inter, hidden))]
+        q = f"{p}.{arch.block}.experts.{e}"
+        out += [(f"{q}.{arch.proj[d]}.weight", shapes[d]) for d in _order(arch)]
+    if arch.shared:
+        out += [(f"{p}.mlp.shared_expert.{d}.weight", shapes[d]) for d in sorted(DENSE_FFN)]
+        out.append((f"{p}.mlp.shared_expert_gate.weight", (1, hidden)))
     return out
 
 
-def expert_tensors(layer: int, ffns: list[dict], layout: str) -> list[tuple[str, object]]:
-    """One layer's expert tensors from each expert's dense FFN {gate_proj, up_proj, down_proj}."""
+def expert_tensors(layer: int, ffns: list[dict], layout: str, arch: MoeArch | None = None,
+                   shared: dict | None = None) -> list[tuple[str, object]]:
+    """One layer's expert tensors from each expert's dense FFN {gate_proj, up_proj,
+    down_proj} (and the shared expert's FFN plus its gate row `gate`, where the arch has one)."""
     import torch
 
+    arch = arch or ARCHS["mixtral"]
     p = f"model.layers.{layer}"
     if layout == "fused":
         gate_up = torch.stack([torch.cat([f["gate_proj"], f["up_proj"]], 0) for f in ffns])
@@ -66,9 +122,11 @@ def expert_tensors(layer: int, ffns: list[dict], layout: str) -> list[tuple[str,
                 (f"{p}.mlp.experts.down_proj", down)]
     out = []
     for e, f in enumerate(ffns):
-        q = f"{p}.block_sparse_moe.experts.{e}"
-        out += [(f"{q}.w1.weight", f["gate_proj"]), (f"{q}.w2.weight", f["down_proj"]),
-                (f"{q}.w3.weight", f["up_proj"])]
+        q = f"{p}.{arch.block}.experts.{e}"
+        out += [(f"{q}.{arch.proj[d]}.weight", f[d]) for d in _order(arch)]
+    if arch.shared:
+        out += [(f"{p}.mlp.shared_expert.{d}.weight", shared[d]) for d in sorted(DENSE_FFN)]
+        out.append((f"{p}.mlp.shared_expert_gate.weight", shared["gate"]))
     return out
 
 
@@ -114,8 +172,8 @@ def fused_to_per_expert(state: dict) -> dict:
 def detect_layout(names) -> str | None:
     """'per_expert', 'fused' or None (not an MoE) from a folder's tensor names."""
     names = list(names)
-    if any(".block_sparse_moe." in n for n in names):
+    if any(re.search(r"\.experts\.\d+\.", n) for n in names):
         return "per_expert"
-    if any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
+    if any(n.endswith(".experts.gate_up_proj") for n in names):
         return "fused"
     return None

@@ -54,18 +54,31 @@ def expert_shares(topk: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 def param_counts(cfg: dict) -> dict:
-    """Total and active-per-token parameters of a Mixtral config dict, split FF/NonFF."""
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    n_layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") or h // heads
-    n_e = cfg.get("num_local_experts", 1)
-    k = cfg.get("num_experts_per_tok", 1)
-    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h
-    per_layer_non_ff = attn + 2 * h + n_e * h  # + input/post-attention norms, router
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    non_ff = embed + n_layers * per_layer_non_ff + h
-    ff = n_layers * 3 * h * inter  # one expert in every layer
+    """Total and active-per-token parameters of any transformers MoE config dict, split
+    into NonFF (attention, norms, embeddings, routers, a shared expert) and one expert's FF.
+
+    Counted on the model built on the meta device (no memory, exact for every family:
+    biases, q/k norms, tied embeddings): FF = an expert's tensors summed over the sparse
+    layers; total = NonFF + E·FF, active = NonFF + k·FF.
+    """
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmalloy.train.moe import moe_spec
+
+    spec = moe_spec(cfg)
+    n_e, k = (spec.experts, spec.top_k) if spec else (1, 1)
+    kw = {k_: v for k_, v in cfg.items() if k_ not in ("architectures",
+                                                        "transformers_version")}
+    conf = AutoConfig.for_model(kw.pop("model_type", "mixtral"), **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    total = sum(p.numel() for p in model.parameters())
+    expert_rx = re.compile(r"\.experts\.")
+    routed = sum(p.numel() for n, p in model.named_parameters() if expert_rx.search(n))
+    ff = routed // n_e
+    non_ff = total - routed
     return {"non_ff": non_ff, "ff_per_expert": ff, "experts": n_e, "top_k": k,
-            "total": non_ff + n_e * ff, "active": non_ff + k * ff}
+            "total": total, "active": non_ff + k * ff}

@@ -83,12 +83,11 @@ def summarize(values: dict[str, float], singles: list[str], lower_is_better: boo
 
 
 def _load_warm(cfg, models, folders):
-    """The WARM folder given, or the uniform weight average of the RMs computed in memory
-    by the same streaming average `reward warm` writes (`lmalloy.average.weighted`)."""
-    import copy
+    """The WARM folder given, or the uniform weight average of the RMs, written by the same
+    streaming average as `reward warm` to a scratch folder and loaded from it."""
+    import tempfile
 
-    from lmalloy.average.weighted import Combination, average_state
-    from lmalloy.io.models import load_weights
+    from lmalloy.average.weighted import Combination, averaged_model
     from lmalloy.reward.model import load_reward_model
 
     if cfg.warm:
@@ -96,9 +95,10 @@ def _load_warm(cfg, models, folders):
     from lmalloy.reward.warm import check_compatible
 
     check_compatible(folders)
-    warm = copy.deepcopy(models[0])
-    load_weights(warm, average_state(folders, Combination.uniform(len(folders)), folders[0]))
-    return warm
+    with tempfile.TemporaryDirectory() as d, averaged_model(
+            folders, Combination.uniform(len(folders)), load_reward_model, Path(d) / "warm",
+            folders[0]) as warm:
+        return warm
 
 
 def sample_answers(policy_path: str, prompts: list[str], n: int, max_new_tokens: int,

@@ -12,6 +12,7 @@ Legend: L layers, N tokens, E experts, k experts per token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,3 +63,33 @@ def plot_expert_load(records: list[dict], out: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """The sparse layers of an MoE config, whatever the family names its keys."""
+
+    experts: int  # E routed experts per sparse layer
+    top_k: int  # k experts per token
+    expert_ffn: int  # an expert's FFN (intermediate) size
+    shared_ffn: int  # the always-on shared expert's FFN size (0: none)
+    sparse_layers: tuple[int, ...]  # layers with a router (others are dense)
+
+
+def moe_spec(config) -> MoeSpec | None:
+    """The MoE layout of a config dict or a transformers config (None: a dense model).
+
+    Mixtral names E `num_local_experts`; Qwen2-MoE, Qwen3-MoE and OLMoE `num_experts`,
+    an expert's FFN `moe_intermediate_size`; Qwen MoEs may keep some layers dense
+    (`mlp_only_layers`, `decoder_sparse_step`)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    n_e = get("num_local_experts") or get("num_experts")
+    if not n_e:
+        return None
+    layers = int(get("num_hidden_layers") or 0)
+    step = int(get("decoder_sparse_step") or 1)
+    dense = set(get("mlp_only_layers") or [])
+    sparse = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    return MoeSpec(int(n_e), int(get("num_experts_per_tok") or 2),
+                   int(get("moe_intermediate_size") or get("intermediate_size")),
+                   int(get("shared_expert_intermediate_size") or 0), sparse)

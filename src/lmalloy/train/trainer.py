@@ -166,13 +166,16 @@ class Trainer:
                        else min(2000, int(0.05 * self.total_steps)))
         self.n_params = sum(p.numel() for p in model.parameters())
         # MoE (Mixtral): router balance loss in train_step, per-layer expert load logged
-        self.moe = getattr(self.hf_config, "num_local_experts", None)
+        from lmalloy.train.moe import moe_spec
+
+        spec = moe_spec(self.hf_config)
+        self.moe = spec.experts if spec else None
+        self.moe_k = spec.top_k if spec else None
         self.moe_acc: list = []
         n_active = self.n_params
-        if self.moe:
-            c = self.hf_config
-            n_active -= ((self.moe - c.num_experts_per_tok) * c.num_hidden_layers * 3
-                         * c.hidden_size * c.intermediate_size)
+        if spec:  # experts a token does not use (SwiGLU: 3 matrices each)
+            n_active -= ((spec.experts - spec.top_k) * len(spec.sparse_layers) * 3
+                         * self.hf_config.hidden_size * spec.expert_ffn)
         self.flops_tok = flops_per_token(self.hf_config, T, n_active)
         self.peak = (cfg.peak_tflops or measure_peak_tflops(dist.device)) * 1e12
         self.wrapped = self._wrap(model)
@@ -300,12 +303,16 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         from lmalloy.io.folder import open_model
+        from lmalloy.io.models import load_causal_lm
 
         state_path = path / STATE_FILE
         try:
-            m = open_model(path)
-            weights = {n: m.read(n) for n in m.names()}
+            open_model(path)
             ts = torch.load(state_path, map_location="cpu", weights_only=True)
+            # the checkpoint's weights under the model's in-memory names (transformers
+            # applies its own load-time conversions: fused MoE experts, tied heads)
+            weights = load_causal_lm(path, dtype=str(next(self.model.parameters()).dtype)
+                                     .removeprefix("torch.")).state_dict()
         except UserError as e:
             raise UserError(f"--resume: checkpoint {path} is corrupt: {e}") from None
         except Exception as e:  # noqa: BLE001 - any unreadable state is a corrupt checkpoint
@@ -318,22 +325,11 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
-            from lmalloy.io.models import tied_aliases
-
-            keys = getattr(self.model, "_tied_weights_keys", None) or {}
-            for alias in tied_aliases(self.model):  # a tied head is its embedding
-                if alias not in weights and isinstance(keys, dict) and keys.get(alias):
-                    weights[alias] = weights[keys[alias]]
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, weights, options=opts)
             set_optimizer_state_dict(self.model, self.opt, ts["optimizer"], options=opts)
         else:
-            from lmalloy.io.models import load_weights
-
-            try:
-                load_weights(self.model, weights)
-            except UserError as e:
-                raise UserError(f"--resume: checkpoint {path}: {e}") from None
+            self.model.load_state_dict(weights)
             self.opt.load_state_dict(ts["optimizer"])
         self.sched.load_state_dict(ts["scheduler"])
         set_rng_state(ts["rng"])
@@ -435,9 +431,10 @@ class Trainer:
             return loss, loss
         from lmalloy.train.moe import router_aux
 
-        aux, load = router_aux(out.router_logits, self.moe, self.hf_config.num_experts_per_tok)
+        aux, load = router_aux(out.router_logits, self.moe, self.moe_k)
         self.moe_acc.append((aux.detach(), load))
-        return loss, loss + self.hf_config.router_aux_loss_coef * aux
+        coef = getattr(self.hf_config, "router_aux_loss_coef", 0.01)
+        return loss, loss + coef * aux
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns its mean loss as a device tensor (no host sync but
