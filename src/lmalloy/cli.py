@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmalloy: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmalloy inspect ... | head`: the reader left; stop quietly
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ def _normalise_keys(cls: type[BaseModel], data: dict, prefix: tuple = ()) -> dic
         ann = _strip_optional(fields[name].annotation)
         if _is_model(ann) and isinstance(value, dict):
             value = _normalise_keys(ann, value, (*prefix, name))
+        elif _is_list(ann) and isinstance(value, list) and get_args(ann) and _is_model(
+                get_args(ann)[0]):  # a list of records: each entry's keys checked too
+            value = [_normalise_keys(get_args(ann)[0], v, (*prefix, f"{name}[{i}]"))
+                     if isinstance(v, dict) else v for i, v in enumerate(value)]
         out[name] = value
     return out
 
@@ -136,7 +140,8 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel] | None = 
             msg = msg[len(head) :]
     loc = e.get("loc", ())
     got = e.get("input")
-    got_s = "" if isinstance(got, dict) or e["type"] == "missing" else f", got {got!r}"
+    got_s = ("" if isinstance(got, dict) or e["type"] == "missing" or repr(got) in msg
+             or str(got) in msg else f", got {got!r}")
     if not loc:
         return msg
     field = cls.model_fields.get(str(loc[0])) if cls is not None and len(loc) == 1 else None

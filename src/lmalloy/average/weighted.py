@@ -4,11 +4,12 @@
     out = (Σᵢ wᵢ·xᵢ) / divisor        (mode "sum", accumulated left to right in fp32)
     out = lerp(… lerp(x₁, x₂, 1−d) …, x_n, 1−d)   (mode "ema", decay d, oldest first)
 
-Per tensor, the inputs are read chunk by chunk (1M entries: a few MB, near cache) with
-positioned reads, accumulated into one fp32 chunk, checked for NaN/Inf, cast to the output
+Per tensor, the inputs are read chunk by chunk (1M entries: a few MB, near cache) as
+zero-copy views of their memory-mapped files (a thread asks the kernel to read the next
+chunk ahead), accumulated into one fp32 chunk, checked for NaN/Inf, cast to the output
 dtype and handed to a sink (`ShardedWriter`, or `StateSink` for an in-memory state dict)
 in consecutive parts. Peak memory is a few chunk buffers, whatever the tensor or model
-size, and the inputs' pages are not kept mapped. A non-finite accumulator names the input
+size, and each tensor's pages leave the process's resident set once it is done. A non-finite accumulator names the input
 and tensor that brought the NaN/Inf (or says the sum overflowed) before anything is
 published.
 

@@ -119,6 +119,8 @@ class MergeConfig(DataFields):
     eval_tokens: int = Field(65536, gt=0, description="greedy_soup: held-out tokens per model")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="greedy_soup: as in training")
     eval_split: Literal["val", "train"] = Field("val", description="greedy_soup: split scored")
+    split_seed: int = Field(0, description="greedy_soup: the training run's --seed (it "
+                            "chose which documents are held out)")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -160,8 +160,8 @@ def execute(p: Plan) -> None:
 
 
 def merge(cfg: MergeConfig) -> Path:
-    """Plan (all checks, before torch is even imported), then stream the merge into
-    `cfg.out`. Returns the output path.
+    """Plan (all checks, before any tensor is read), then stream the merge into `cfg.out`.
+    Returns the output path.
 
     Torch runs one thread (merging is memory-bound; `one_torch_thread` says why); TIES
     spreads its chunks over `--threads` Python workers instead (torch releases the GIL)."""

@@ -27,7 +27,7 @@ def _heldout(cfg):
     tok = Tok.load(cfg.base_model or cfg.models[0].model)
     corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
                          quiet=True)
-    folder, meta = packed(corpus, tok, cfg.val_fraction, 0)
+    folder, meta = packed(corpus, tok, cfg.val_fraction, cfg.split_seed)
     tokens = load_tokens(folder, cfg.eval_split, meta)
     spans = {n: tuple(d[cfg.eval_split]) for n, d in meta["domains"].items()}
     return tokens, spans, tok.token_bytes()

@@ -101,6 +101,7 @@ def gap_closed(large: float, proxy: float, tuned_large: float) -> float:
 
 def _check_eval(cfg) -> None:
     from lmalloy.io.folder import context_length
+    from lmalloy.io.tokenizer_files import first_vocab_difference, vocab_of
 
     for p in [cfg.large, *cfg.tuned, *cfg.untuned] + ([cfg.tuned_large] if cfg.tuned_large
                                                       else []):
@@ -111,6 +112,12 @@ def _check_eval(cfg) -> None:
         if cfg.perplexity and limit and cfg.seq_len > limit:
             raise UserError(f"`--seq-len` {cfg.seq_len} is above {p}'s context window of "
                             f"{limit} tokens")
+    if cfg.tuned_large:  # from the files, before any weight loads
+        va, vb = vocab_of(cfg.large), vocab_of(cfg.tuned_large)
+        diff = first_vocab_difference(va, vb) if va is not None and vb is not None else None
+        if diff:
+            raise UserError(f"tokenizers of {cfg.large} and {cfg.tuned_large} differ: first "
+                            f"differing token at {diff}")
 
 
 def _tuned_large(cfg, proxy):

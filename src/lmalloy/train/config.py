@@ -72,7 +72,8 @@ class TrainConfig(DataFields):
 
 
 class PretrainConfig(TrainConfig):
-    preset: str = Field("small", description="model size: tiny, small, base, tinyllama-1.1b")
+    preset: str = Field("small", description="model size: tiny, small, base, tinyllama-1.1b, "
+                        "tiny-moe, small-moe")
     model_overrides: dict[str, int | float | str | bool] = Field(
         {}, description="LlamaConfig fields that override the preset (YAML mapping)")
     tokenizer: str | None = Field(None, description="existing HF tokenizer folder (default: "
@@ -83,8 +84,9 @@ class PretrainConfig(TrainConfig):
 
 
 class FinetuneConfig(TrainConfig):
-    base_model: str = Field(..., description="HF model folder to start from",
-                            **also("init_from"))
+    base_model: str | None = Field(None, description="HF model folder to start from "
+                                   "(required, except with --resume: the run's own)",
+                                   **also("init_from"))
     out: str = Field("runs/finetune", description="run folder")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     freeze: list[str] = Field([], description="freeze parameters whose names match these "
@@ -92,3 +94,9 @@ class FinetuneConfig(TrainConfig):
     train_only: list[str] = Field([], description="train only parameters matching these "
                                   "regular expressions (e.g. `mlp.gate` for MoE routers)")
     allow_pickle: bool = Field(False, description="allow a pickle checkpoint (weights_only)")
+
+    @model_validator(mode="after")
+    def _base(self):
+        if self.base_model is None and not self.resume:
+            raise ValueError("`--base-model` is required: the HF model folder to fine-tune")
+        return self
