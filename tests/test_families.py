@@ -275,3 +275,41 @@ def test_the_docs_table_is_the_tested_matrix():
     assert got is not None, f"{DOCS} has no family table"
     assert got.group(1).strip() == table(), "docs/families.md differs from the tested " \
         "matrix; regenerate it with `python -c 'import test_families as t; print(t.table())'`"
+
+
+def test_tied_folders_of_every_writer_combine(root, tokenizer_dir, data, capsys):
+    """A tied model written by transformers (embedding only), by an older writer (a stored
+    `lm_head.weight` duplicate) and by lmalloy's trainer merge, average and upcycle together;
+    the outputs store what save_pretrained stores."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    m = family(root, "qwen2", tokenizer_dir)
+    dup = m["dir"] / "dup"
+    shutil.copytree(m["fts"][0], dup)
+    sd = load_file(dup / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, dup / "model.safetensors", metadata={"format": "pt"})
+    run = m["dir"] / "run"
+    if not (run / "final").is_dir():
+        ok(capsys, "finetune", "--base-model", m["base"], "--data", data, *TRAIN,
+           "--out", run)
+    folders = [m["base"], dup, run / "final"]
+    ok(capsys, "average", *folders, "--out", m["dir"] / "mix-avg")
+    loads(m["dir"] / "mix-avg", tied=True)
+    ok(capsys, "merge", "--method", "ties", "--base-model", m["base"], "--models",
+       f"{dup},{run / 'final'}", "--parameters", "weight=1,density=0.5", "--out",
+       m["dir"] / "mix-ties", "--no-progress")
+    loads(m["dir"] / "mix-ties", tied=True)
+    ok(capsys, "moe", "build", "--method", "upcycle", "--base-model", dup, "--num-experts", "2",
+       "--gate-mode", "random", "--out", m["dir"] / "mix-moe")
+    loads(m["dir"] / "mix-moe", tied=True)
+    # configs that disagree on tying are refused by name
+    untied = m["dir"] / "untied"
+    shutil.copytree(dup, untied)
+    cfg = json.loads((untied / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (untied / "config.json").write_text(json.dumps(cfg))
+    line = refused(capsys, "average", m["base"], untied, "--out", m["dir"] / "never")
+    assert "tie_word_embeddings" in line and not (m["dir"] / "never").exists()

@@ -427,7 +427,7 @@ ROWS: list[Row] = [
                                           o], "tokenizers differ"),
     Row("merge-tokenizer-source-missing", lambda z, o: [M, "--models", f"{z.llama},{z.llama2}",
                                                         "--tokenizer-source", z.root / "no",
-                                                        "--out", o], "is not a folder"),
+                                                        "--out", o], "neither base, union nor a folder"),
     Row("merge-nan-ties", lambda z, o: [M, "--method", "ties", "--base-model", z.llama,
                                         "--models", z.nan, "--parameters", "weight=1",
                                         "--out", o],

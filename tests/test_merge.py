@@ -459,3 +459,59 @@ def test_mergekit_yaml_keys(capsys, zoo, tmp_path):
     for k in M:
         close(M[k], ((X0[k] + 3 * X1[k]) / 4).bfloat16().float(), 1e-2)
     assert load_file(out / "model.safetensors")[k].dtype == torch.bfloat16
+
+
+def _with_added_token(src_tok: Path, dst: Path, token: str) -> Path:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src_tok)
+    tok.add_tokens([token])
+    tok.save_pretrained(dst)
+    return dst
+
+
+def test_union_tokenizer_reindexes_rows(capsys, tmp_path, tokenizer_dir):
+    """Two fine-tunes that each added a token: `tokenizer_source: union` gives both tokens,
+    each row built from the model that has it, the shared rows merged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ta = _with_added_token(tokenizer_dir, tmp_path / "tok_a", "<a>")
+    tb = _with_added_token(tokenizer_dir, tmp_path / "tok_b", "<b>")
+    a = make_llama(tmp_path / "a", ta, seed=1, vocab=384)
+    b = make_llama(tmp_path / "b", tb, seed=2, vocab=384)
+    out = merge(capsys, "--models", f"{a},{b}", "--tokenizer-source", "union", "--output",
+                tmp_path / "u")
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.convert_tokens_to_ids(["<a>", "<b>"])
+    assert ids == [320, 321] and len(tok) == 322
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.vocab_size == 322
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    so = load_file(out / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        o, x, y = so[name], sa[name], sb[name]
+        assert o.shape == (322, 32)
+        torch.testing.assert_close(o[:320], (x[:320] + y[:320]) / 2)  # shared tokens
+        torch.testing.assert_close(o[320], x[320])  # only a has <a>
+        torch.testing.assert_close(o[321], y[320])  # only b has <b>, at its id 320
+    # the tokenizer really is the union: both tokens encode to their new ids
+    assert tok("<a><b>", add_special_tokens=False)["input_ids"] == [320, 321]
+    # without a source, differing tokenizers are refused; base keeps a's vocabulary
+    assert_user_error(capsys, "merge", "--models", f"{a},{b}", "--output", tmp_path / "x",
+                      match="tokenizer_source: union")
+    out = merge(capsys, "--models", f"{a},{b}", "--tokenizer-source", "base", "--output",
+                tmp_path / "bb")
+    so = load_file(out / "model.safetensors")
+    assert so["model.embed_tokens.weight"].shape == (321, 32)
+    torch.testing.assert_close(so["model.embed_tokens.weight"][320], sa["model.embed_tokens.weight"][320])
+
+
+def test_union_refuses_different_base_vocabularies(capsys, tmp_path, tokenizer_dir):
+    from common import make_tokenizer
+
+    other = make_tokenizer(tmp_path / "tok2", vocab_size=300)
+    a = make_llama(tmp_path / "a", tokenizer_dir, seed=1)
+    b = make_llama(tmp_path / "b", other, seed=2)
+    assert_user_error(capsys, "merge", "--models", f"{a},{b}", "--tokenizer-source", "union",
+                      "--output", tmp_path / "o", match="cannot be unioned")
+    assert not (tmp_path / "o").exists()

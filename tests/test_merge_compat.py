@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from common import make_llama, run_cli
@@ -322,3 +323,70 @@ def test_same_tensors_as_mergekit(tmp_path, tokenizer_dir, capsys):
         report[name] = f"max relative difference {worst:.2e}"
     print("\n".join(f"{k}: {v}" for k, v in report.items()))
     assert not bad, bad
+
+
+def test_union_tokenizer_same_tensors_as_mergekit(tmp_path, tokenizer_dir, capsys):
+    """`tokenizer: {source: union}` on two fine-tunes that each added a token (and a base
+    without them): mergekit's permuted embeddings, linear and TIES."""
+    from transformers import AutoTokenizer
+
+    def tok_with(name: str, tokens: list[str]) -> Path:
+        t = AutoTokenizer.from_pretrained(tokenizer_dir)
+        t.add_tokens(tokens)
+        t.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    base = make_llama(tmp_path / "base", tokenizer_dir, seed=0, hidden=64, intermediate=128,
+                      vocab=384)
+    fa = make_llama(tmp_path / "fa", tok_with("ta", ["<a>"]), seed=1, hidden=64,
+                    intermediate=128, vocab=384, noise_from=base, noise=0.02)
+    fb = make_llama(tmp_path / "fb", tok_with("tb", ["<b>", "<c>"]), seed=2, hidden=64,
+                    intermediate=128, vocab=384, noise_from=base, noise=0.02)
+    cfgs = {
+        "union_linear": f"""merge_method: linear
+models:
+  - {{model: {fa}, parameters: {{weight: 0.6}}}}
+  - {{model: {fb}, parameters: {{weight: 0.4}}}}
+tokenizer: {{source: union}}
+dtype: float32
+""",
+        "union_ties": f"""merge_method: ties
+base_model: {base}
+models:
+  - {{model: {fa}, parameters: {{weight: 1.0, density: 0.5}}}}
+  - {{model: {fb}, parameters: {{weight: 1.0, density: 0.5}}}}
+tokenizer: {{source: union, pad_to_multiple_of: 8}}
+dtype: float32
+""",
+    }
+    jobs = []
+    for name, text in cfgs.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        jobs.append((str(tmp_path / f"{name}.yaml"), str(tmp_path / f"mk_{name}")))
+    r = subprocess.run([str(MK_PY), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
+                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in cfgs:
+        rc, _, err = run_cli(capsys, "merge", tmp_path / f"{name}.yaml", "--out",
+                             tmp_path / f"lm_{name}", "--no-progress")
+        assert rc == 0, (name, err)
+        mk = load_file(tmp_path / f"mk_{name}" / "model.safetensors")
+        lm = load_file(tmp_path / f"lm_{name}" / "model.safetensors")
+        assert set(mk) == set(lm), name
+        # mergekit appends the other models' tokens in the order of a Python set (it varies
+        # between runs); lmalloy in the order the models are listed: compare rows by token
+        vm = AutoTokenizer.from_pretrained(tmp_path / f"mk_{name}").get_vocab()
+        vl = AutoTokenizer.from_pretrained(tmp_path / f"lm_{name}").get_vocab()
+        assert set(vm) == set(vl), name
+        assert [vl[t] for t in ("<a>", "<b>", "<c>")] == [320, 321, 322]
+        order_m = torch.tensor([vm[t] for t in sorted(vl, key=vl.get)])
+        order_l = torch.tensor(sorted(vl.values()))
+        for k in mk:
+            a, b = mk[k], lm[k]
+            assert a.shape == b.shape, (name, k, a.shape, b.shape)
+            if "embed_tokens" in k or "lm_head" in k:
+                pad_m, pad_l = a[len(vm):], b[len(vl):]
+                a, b = a[order_m], b[order_l]
+                torch.testing.assert_close(pad_m, pad_l, rtol=1e-5, atol=1e-6)
+            rel = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
+            assert rel < 1e-5, (name, k, rel)

@@ -130,11 +130,13 @@ class _Buffers:
         return b
 
 
-def _read(folder, ref, name: str, a: int, b: int):
+def _read(folder, ref, name: str, a: int, b: int, override=None):
     """Entries [a, b) of `name` in `folder` (a zero-copy view of its mapped file), the
-    reference's entries beyond its own rows."""
+    reference's entries beyond its own rows; `override` (a tensor) replaces the file's."""
     import torch
 
+    if override is not None:
+        return override.reshape(-1)[a:b]
     n = folder.tensors[name].numel
     if b <= n:
         return folder.view_range(name, a, b)
@@ -144,19 +146,19 @@ def _read(folder, ref, name: str, a: int, b: int):
     return torch.cat([folder.view_range(name, a, n), tail])
 
 
-def _nonfinite(inputs, ref, name: str, a: int, b: int) -> UserError:
+def _nonfinite(inputs, ref, name: str, a: int, b: int, overrides: dict) -> UserError:
     """The error for a non-finite accumulator: the input that holds NaN/Inf, if any."""
     import torch
 
-    for f in inputs:
-        x = _read(f, ref, name, a, b)
+    for i, f in enumerate(inputs):
+        x = _read(f, ref, name, a, b, overrides.get((i, name)))
         if not bool(torch.isfinite(x).all()):
             return UserError(f"{f.path}: tensor `{name}` contains NaN or Inf")
     return UserError(f"the weighted average of tensor `{name}` overflows (non-finite "
                      "result from finite inputs; check the weights)")
 
 
-def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]]):
+def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]], overrides: dict):
     """(name, a, b, inputs' entries [a, b)) per chunk, in order, as views of the mapped
     files; a thread asks the kernel to read chunk k+1 ahead (MADV_WILLNEED) while chunk k
     is combined, and each tensor's pages leave the resident set once it is done."""
@@ -164,8 +166,9 @@ def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]]):
 
     def ahead(k: int) -> None:
         name, a, b = chunks[k]
-        for f in inputs:
-            f.advise(name, a, min(b, f.tensors[name].numel), need=True)
+        for i, f in enumerate(inputs):
+            if (i, name) not in overrides:
+                f.advise(name, a, min(b, f.tensors[name].numel), need=True)
 
     if not chunks:
         return
@@ -175,7 +178,8 @@ def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]]):
             fut.result()
             if k + 1 < len(chunks):
                 fut = pool.submit(ahead, k + 1)
-            yield name, a, b, [_read(f, ref, name, a, b) for f in inputs]
+            yield name, a, b, [_read(f, ref, name, a, b, overrides.get((i, name)))
+                               for i, f in enumerate(inputs)]
             if b == ref.tensors[name].numel:  # the tensor's last chunk
                 for f in {id(x): x for x in [*inputs, ref]}.values():
                     f.advise(name, 0, f.tensors[name].numel, need=False)
@@ -204,27 +208,30 @@ def _combine(xs, combo: Combination, acc, bufs: _Buffers):
 
 
 def weighted_average(inputs: Sequence, combo, sink, entries, ref=None,
-                     progress: Callable[[int], None] | None = None) -> None:
+                     progress: Callable[[int], None] | None = None,
+                     overrides: dict | None = None) -> None:
     """Average `inputs` (opened ModelFolders) tensor by tensor into `sink`.
 
     combo: a `Combination`, or a function of the tensor name returning one (weights that
     vary by layer or filter). entries: (name, safetensors dtype, shape) in output order
     (see `plan`); non-floating tensors are copied from `ref` (default: the last input, the
-    newest checkpoint). `progress(bytes_read)` is called after each tensor.
+    newest checkpoint). `progress(bytes_read)` is called after each tensor. `overrides`
+    maps (input index, tensor name) to a tensor read instead of the file's (re-indexed
+    vocabularies); an entry's shape may then differ from the reference's.
     """
     ref = ref if ref is not None else inputs[-1]
     with one_torch_thread():
-        _stream(inputs, combo, sink, entries, ref, progress)
+        _stream(inputs, combo, sink, entries, ref, progress, overrides or {})
 
 
-def _stream(inputs, combo, sink, entries, ref, progress) -> None:
+def _stream(inputs, combo, sink, entries, ref, progress, overrides: dict) -> None:
     import torch
 
     bufs = _Buffers(CHUNK)
-    chunks = [(n, a, min(ref.tensors[n].numel, a + CHUNK)) for n, _, _ in entries
-              if is_float(ref.tensors[n].dtype)
-              for a in range(0, ref.tensors[n].numel, CHUNK)]
-    stream = _prefetched(inputs, ref, chunks)
+    numel = {n: math.prod(shape) for n, _, shape in entries}
+    chunks = [(n, a, min(numel[n], a + CHUNK)) for n, _, _ in entries
+              if is_float(ref.tensors[n].dtype) for a in range(0, numel[n], CHUNK)]
+    stream = _prefetched(inputs, ref, chunks, overrides)
     for name, st, shape in entries:
         sink.begin(name, st, shape)
         if not is_float(ref.tensors[name].dtype):  # integer/bool buffers: the reference's
@@ -234,13 +241,13 @@ def _stream(inputs, combo, sink, entries, ref, progress) -> None:
             if len(c.weights) != len(inputs):
                 raise ValueError(f"{len(c.weights)} weights for {len(inputs)} inputs")
             out_t = torch_dtype(st)
-            for _ in range(-(-ref.tensors[name].numel // CHUNK)):
+            for _ in range(-(-numel[name] // CHUNK)):
                 _, a, b, xs = next(stream)
                 acc = bufs.get("acc", torch.float32)[: b - a]
                 _combine(xs, c, acc, bufs)
                 # a NaN/Inf entry makes the sum non-finite: one cheap pass, then confirmed
                 if not (bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(acc).all())):
-                    raise _nonfinite(inputs, ref, name, a, b)
+                    raise _nonfinite(inputs, ref, name, a, b, overrides)
                 out = acc if out_t == torch.float32 else bufs.get("out", out_t)[: b - a]
                 if out is not acc:
                     out.copy_(acc)
@@ -280,7 +287,8 @@ def write_average(inputs: Sequence, combo, output: str | Path, *, ref=None,
                   out_dtype: str | None = None, overwrite: bool = False,
                   aux_from: Path | None = None, extra: Callable[[Path], None] | None = None,
                   metadata: dict | None = None, max_shard_bytes: int | None = None,
-                  progress: Callable[[int], None] | None = None) -> int:
+                  progress: Callable[[int], None] | None = None, entries=None,
+                  overrides: dict | None = None, config: dict | None = None) -> int:
     """Write the weighted average as an HF folder at `output`, atomically.
 
     The config and tokenizer files come from `ref` (default: the last input) or
@@ -297,12 +305,13 @@ def write_average(inputs: Sequence, combo, output: str | Path, *, ref=None,
     )
 
     ref = ref if ref is not None else inputs[-1]
-    entries = plan(ref, out_dtype=out_dtype)
+    entries = entries if entries is not None else plan(ref, out_dtype=out_dtype)
     with atomic_output(output, overwrite) as tmp:
         with ShardedWriter(tmp, entries, max_shard_bytes or DEFAULT_SHARD_BYTES,
                            metadata=metadata) as w:
-            weighted_average(inputs, combo, w, entries, ref, progress)
-        write_config(tmp, ref.config, majority_float(st for _, st, _ in entries))
+            weighted_average(inputs, combo, w, entries, ref, progress, overrides)
+        write_config(tmp, config if config is not None else ref.config,
+                     majority_float(st for _, st, _ in entries))
         copy_aux_files(aux_from or ref.path, tmp)
         if extra is not None:
             extra(tmp)

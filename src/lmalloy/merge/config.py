@@ -100,8 +100,12 @@ class MergeConfig(DataFields):
         None, description="the output tokenizer's chat template: `auto` (the reference "
         "model's, as it is) or the template's Jinja text (mergekit's key)")
     tokenizer_source: str | None = Field(
-        None, description="`base` (or a model folder): take the tokenizer from there and merge "
-        "embedding rows by id even if the inputs' tokenizers differ")
+        None, description="when the inputs' tokenizers differ: `union` (the reference's plus "
+        "every token another input adds), `base` or a model folder; embedding rows are "
+        "re-indexed to it (mergekit's `tokenizer.source`)")
+    tokenizer_pad_to: int | None = Field(None, gt=0, description="pad the output's "
+                                         "embedding rows to a multiple of this (mergekit's "
+                                         "`tokenizer.pad_to_multiple_of`)")
     ties_trim: Literal["tensor", "model"] = Field(
         "tensor", description="TIES/DARE-TIES trim scope: per tensor (mergekit) or over the "
         "whole flattened task vector (the TIES paper)")
@@ -199,12 +203,15 @@ class MergeConfig(DataFields):
                 raise UserError(f"`tokenizer` must be a mapping such as {{source: base}}, got "
                                 f"{tok!r}")
             for k in tok:
-                if k != "source":
+                if k not in ("source", "pad_to_multiple_of"):
                     raise UserError(f"mergekit's `tokenizer.{k}` is not supported by lmalloy "
-                                    f"(only `tokenizer.source`: base, union or a model "
-                                    f"folder){closest(k, ['source'])}")
+                                    "(only `tokenizer.source`: base, union or a model folder, "
+                                    "and `tokenizer.pad_to_multiple_of`)"
+                                    f"{closest(k, ['source', 'pad_to_multiple_of'])}")
             if tok.get("source") is not None:
                 data["tokenizer_source"] = tok["source"]
+            if tok.get("pad_to_multiple_of") is not None:
+                data["tokenizer_pad_to"] = tok["pad_to_multiple_of"]
         if "slices" in data:
             raise UserError("mergekit `slices` (layer stacking) are not supported; list whole "
                             "models under `models:`")

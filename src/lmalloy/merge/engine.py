@@ -36,7 +36,9 @@ def _write_meta(p: Plan, tmp: Path) -> None:
     from lmalloy.io.writer import copy_aux_files
     from lmalloy.merge.methods import METHODS
 
-    if p.tokenizer_from != p.ref.path:
+    if p.vocab is not None:  # the output vocabulary's tokenizer, as built
+        p.vocab.tokenizer.save_pretrained(tmp)
+    elif p.tokenizer_from != p.ref.path:
         copy_aux_files(p.tokenizer_from, tmp, [n for n in (
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")])
@@ -51,6 +53,14 @@ def _write_meta(p: Plan, tmp: Path) -> None:
     (tmp / "merge_config.yaml").write_text("\n".join(head) + "\n" + p.cfg.to_yaml())
     for name, text in p.files.items():
         (tmp / name).write_text(text)
+
+
+def _out_config(p: Plan) -> dict:
+    """The reference's config, with the output vocabulary's size where rows were re-indexed."""
+    cfg = dict(p.ref.config)
+    if p.vocab is not None:
+        cfg["vocab_size"] = p.vocab.rows
+    return cfg
 
 
 def _set_chat_template(folder: Path, template: str) -> None:
@@ -69,6 +79,7 @@ def execute_average(p: Plan, bar) -> None:
     """Linear / soup / greedy soup: the streaming weighted average of the models."""
     from lmalloy.average.weighted import Combination, write_average
     from lmalloy.merge.methods import METHODS
+    from lmalloy.merge.vocab import reindexed
 
     weights = METHODS[p.cfg.method].weights
     by_name = {tp.name: tp for tp in p.tensors}
@@ -77,11 +88,18 @@ def execute_average(p: Plan, bar) -> None:
         tp = by_name[name]
         return Combination(tuple(weights(tp.params, tp.glob)))
 
-    write_average(p.models, combo, p.output, ref=p.ref, out_dtype=p.out_dtype,
-                  overwrite=p.cfg.overwrite, extra=lambda tmp: _write_meta(p, tmp),
+    overrides = {}
+    if p.vocab is not None:  # re-indexed vocabulary rows (small: a few tensors)
+        for name in p.vocab.names:
+            mats = reindexed(p.vocab, p.inputs, name)
+            overrides.update({(i, name): mats[str(m.path)] for i, m in enumerate(p.models)})
+    write_average(p.models, combo, p.output, ref=p.ref, overwrite=p.cfg.overwrite,
+                  extra=lambda tmp: _write_meta(p, tmp),
                   metadata={"lmalloy_merge": p.cfg.method},
                   max_shard_bytes=p.cfg.max_shard_size,
-                  progress=bar.update if bar is not None else None)
+                  progress=bar.update if bar is not None else None,
+                  entries=[(t.name, t.dtype, t.shape) for t in p.tensors],
+                  overrides=overrides, config=_out_config(p))
 
 
 def _stream(p: Plan, writer, load, compute_one, bar) -> None:
@@ -138,7 +156,7 @@ def execute_tensorwise(p: Plan, bar) -> None:
             with ShardedWriter(tmp, entries, cfg.max_shard_size,
                                metadata={"lmalloy_merge": cfg.method}) as writer:
                 _stream(p, writer, load, compute_one, bar)
-            write_config(tmp, p.ref.config, p.out_dtype)
+            write_config(tmp, _out_config(p), p.out_dtype)
             copy_aux_files(p.ref.path, tmp)
             _write_meta(p, tmp)
 

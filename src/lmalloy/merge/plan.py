@@ -12,8 +12,9 @@ their number of rows when the extra rows are padding, i.e. beyond the tokenizer'
 (same tokenizer.json in every input). The output has the reference model's rows (the base,
 else the first model); a model with fewer rows contributes the reference's rows there (no
 change), a model with more has its padding rows dropped. Different tokenizers are an error
-unless `tokenizer_source` names where the output's tokenizer comes from; rows are then
-merged by id.
+unless `tokenizer_source` (mergekit's `tokenizer.source`: base, union or a model folder)
+names the output's tokenizer; every input's embedding rows are then re-indexed to it
+(`lmalloy.merge.vocab`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Plan:
     out_dtype: str  # torch dtype name
     tokenizer_from: Path
     output: Path
+    vocab: Any = None  # lmalloy.merge.vocab.VocabPlan when the tokenizers differ
     notes: list[str] = field(default_factory=list)  # lines for merge_config.yaml
     files: dict[str, str] = field(default_factory=dict)  # more files for the output folder
 
@@ -105,29 +107,36 @@ def _check_model_count(cfg: MergeConfig, method, entries: list, base) -> None:
                         f"{' besides the base' if takes_base else ''}, got {len(entries)}")
 
 
-def _check_vocabulary(cfg: MergeConfig, ref, folders) -> Path:
-    """Tokenizer and padded-row checks; returns the folder the output's tokenizer comes from."""
+def _check_vocabulary(cfg: MergeConfig, ref, folders, base) -> tuple[Path, Any]:
+    """Tokenizer and padded-row checks: (the folder the output's tokenizer comes from, the
+    re-indexing plan when the inputs' tokenizers differ, else None)."""
     from lmalloy.io.folder import compare_tensors
     from lmalloy.io.tokenizer_files import tokenizer_digest, tokenizer_vocab_size
 
+    src = cfg.tokenizer_source
+    if src not in (None, "base", "union") and not Path(src).is_dir():
+        raise UserError(f"`tokenizer_source` {src} is neither base, union nor a folder")
     digests = {tokenizer_digest(f.path) for f in folders} - {None}
-    if len(digests) > 1 and cfg.tokenizer_source is None:
-        raise UserError("the models' tokenizers differ (tokenizer.json); set "
-                        "`tokenizer_source: base` (or a model folder) to merge embedding rows "
-                        "by id with that tokenizer")
+    if src not in (None, "base", "union"):
+        digests.add(tokenizer_digest(src))
+    if len(digests) > 1:
+        if src is None:
+            raise UserError("the models' tokenizers differ (tokenizer.json); set "
+                            "`tokenizer_source: union` (or base, or a model folder) to "
+                            "re-index their embedding rows to one tokenizer")
+        from lmalloy.merge.vocab import plan_vocab
+
+        compare_tensors(ref, folders, rows_may_differ=lambda n: bool(VOCAB_RE.search(n)))
+        vp = plan_vocab(src, ref, folders, base, cfg.tokenizer_pad_to)
+        return ref.path, vp
     tok_vocab = [v for v in (tokenizer_vocab_size(f.path) for f in folders) if v is not None]
     padded = compare_tensors(ref, folders, rows_may_differ=lambda n: bool(VOCAB_RE.search(n)))
     for n in padded:
         rows = min(f.tensors[n].shape[0] for f in folders)
-        if tok_vocab and max(tok_vocab) > rows and cfg.tokenizer_source is None:
+        if tok_vocab and max(tok_vocab) > rows:
             raise UserError(f"`{n}` has {rows} rows in one model but the tokenizer has "
                             f"{max(tok_vocab)} tokens: the vocabularies really differ")
-    if cfg.tokenizer_source in (None, "base"):
-        return ref.path
-    tok_from = Path(cfg.tokenizer_source)
-    if not tok_from.is_dir():
-        raise UserError(f"`tokenizer_source` {tok_from} is not a folder")
-    return tok_from
+    return (ref.path if src in (None, "base", "union") else Path(src)), None
 
 
 def _check_param_names(cfg: MergeConfig, method) -> None:
@@ -141,8 +150,8 @@ def _check_param_names(cfg: MergeConfig, method) -> None:
                                 f"{', '.join(sorted(known)) or 'none'}")
 
 
-def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: str
-                  ) -> list[TensorPlan]:
+def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: str,
+                  vocab=None) -> list[TensorPlan]:
     """Per tensor: output dtype and every parameter resolved (and range-checked)."""
     from lmalloy.io.dtypes import is_float
     from lmalloy.merge.params import layer_t, resolve
@@ -163,7 +172,10 @@ def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: 
             except UserError as e:
                 raise UserError(f"{e} (tensor `{name}`)") from None
         n_in = sum(f.tensors[name].nbytes for f in ([base] if base else []) + models)
-        tensors.append(TensorPlan(name, info.shape, out_st if is_float(info.dtype)
+        shape = info.shape
+        if vocab is not None and name in vocab.names:  # re-indexed rows
+            shape = (vocab.rows, *info.shape[1:])
+        tensors.append(TensorPlan(name, shape, out_st if is_float(info.dtype)
                                   else info.dtype, params, glob, n_in,
                                   merge=is_float(info.dtype)))
     if cfg.ties_trim == "model" and cfg.method in ("ties", "dare_ties"):
@@ -186,9 +198,10 @@ def plan(cfg: MergeConfig) -> Plan:
     folders = list(seen.values())
     ref = base or models[0]
     check_same_architecture(folders)
-    tok_from = _check_vocabulary(cfg, ref, folders)
+    tok_from, vocab = _check_vocabulary(cfg, ref, folders, base)
     out_dtype = cfg.dtype or majority_float(t.dtype for t in ref.tensors.values())
     _check_param_names(cfg, method)
-    tensors = _tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype))
+    tensors = _tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype),
+                            vocab)
     output = check_output(cfg.out, cfg.overwrite, [f.path for f in folders])
-    return Plan(cfg, models, base, ref, tensors, out_dtype, tok_from, output)
+    return Plan(cfg, models, base, ref, tensors, out_dtype, tok_from, output, vocab)

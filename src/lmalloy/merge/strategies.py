@@ -58,6 +58,12 @@ def load_inputs(p: Plan, tp: TensorPlan, keep_dtype: bool, compute):
     """(fine-tunes' tensors, base tensor or None) for one tensor plan."""
     if not tp.merge:
         return None, None
+    if p.vocab is not None and tp.name in p.vocab.names:  # rows re-indexed to one tokenizer
+        from lmalloy.merge.vocab import reindexed
+
+        mats = reindexed(p.vocab, p.inputs, tp.name)
+        b = mats[str(p.base.path)].to(compute) if p.base is not None else None
+        return [mats[str(m.path)].to(compute) for m in p.models], b
     ref_t = p.ref.read(tp.name)
     b = None
     if p.base is not None:
