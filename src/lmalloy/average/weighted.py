@@ -300,12 +300,15 @@ def write_average(inputs: Sequence, combo, output: str | Path, *, ref=None,
         DEFAULT_SHARD_BYTES,
         ShardedWriter,
         atomic_output,
+        check_free_space,
         copy_aux_files,
         write_config,
     )
 
     ref = ref if ref is not None else inputs[-1]
     entries = entries if entries is not None else plan(ref, out_dtype=out_dtype)
+    total = sum(SIZES[st] * math.prod(shape) for _, st, shape in entries)
+    check_free_space(output, total, "the averaged model")
     with atomic_output(output, overwrite) as tmp:
         with ShardedWriter(tmp, entries, max_shard_bytes or DEFAULT_SHARD_BYTES,
                            metadata=metadata) as w:
@@ -315,4 +318,4 @@ def write_average(inputs: Sequence, combo, output: str | Path, *, ref=None,
         copy_aux_files(aux_from or ref.path, tmp)
         if extra is not None:
             extra(tmp)
-    return sum(SIZES[st] * math.prod(shape) for _, st, shape in entries)
+    return total

@@ -36,8 +36,8 @@ from lmalloy.io.dtypes import SIZES, st_dtype
 from lmalloy.io.folder import AUX_FILES
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-__all__ = ["ShardedWriter", "atomic_output", "atomic_write_text", "check_output",
-           "check_output_file",
+__all__ = ["ShardedWriter", "atomic_output", "atomic_write_text", "check_free_space",
+           "check_output", "check_output_file",
            "clean_stale_tmp", "copy_aux_files", "st_dtype", "write_config", "write_state_dict"]
 
 
@@ -74,6 +74,19 @@ def _probe_writable(parent: Path, what: str) -> None:
         os.unlink(name)
     except OSError as e:
         raise UserError(f"{what}: {e.strerror}") from None
+
+
+def check_free_space(target: str | Path, nbytes: int, what: str = "the output") -> None:
+    """UserError before writing when `nbytes` (plus 1% and 16 MB of slack for headers,
+    config and tokenizer files) would not fit the free space where `target` goes."""
+    probe = Path(target).resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = int(nbytes * 1.01) + (16 << 20)
+    if need > free:
+        raise UserError(f"{what} needs {need / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} "
+                        "GB free; nothing was written (free space or choose another --out)")
 
 
 def _fsync_tree(path: Path) -> None:

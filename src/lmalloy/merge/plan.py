@@ -203,5 +203,9 @@ def plan(cfg: MergeConfig) -> Plan:
     _check_param_names(cfg, method)
     tensors = _tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype),
                             vocab)
+    from lmalloy.io.writer import check_free_space
+
     output = check_output(cfg.out, cfg.overwrite, [f.path for f in folders])
-    return Plan(cfg, models, base, ref, tensors, out_dtype, tok_from, output, vocab)
+    p = Plan(cfg, models, base, ref, tensors, out_dtype, tok_from, output, vocab)
+    check_free_space(output, p.bytes_out, "the merged model")
+    return p

@@ -24,6 +24,7 @@ layer's expert tensors (plus the base model when `gate_mode: hidden` runs it).
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -362,6 +363,10 @@ def build(cfg, quiet: bool = False) -> dict:
                       cfg.router_aux_loss_coef, dtype_name)
     groups = _tensor_groups(b.base)
     plan = _plan(b, groups, st_dtype(dtype))
+    from lmalloy.io.dtypes import SIZES
+    from lmalloy.io.writer import check_free_space
+
+    check_free_space(b.out, sum(SIZES[st] * math.prod(s) for _, st, s in plan), "the MoE")
     # -- heavy work starts here
     gates, shared_gates = _routers(b, n_layers, hidden)
     near = _warn_collinear(gates, n_layers) if not quiet else []
