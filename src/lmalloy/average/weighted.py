@@ -130,7 +130,7 @@ class _Buffers:
         return b
 
 
-def _read(folder, ref, name: str, a: int, b: int, override=None):
+def read_chunk(folder, ref, name: str, a: int, b: int, override=None):
     """Entries [a, b) of `name` in `folder` (a zero-copy view of its mapped file), the
     reference's entries beyond its own rows; `override` (a tensor) replaces the file's."""
     import torch
@@ -151,7 +151,7 @@ def _nonfinite(inputs, ref, name: str, a: int, b: int, overrides: dict) -> UserE
     import torch
 
     for i, f in enumerate(inputs):
-        x = _read(f, ref, name, a, b, overrides.get((i, name)))
+        x = read_chunk(f, ref, name, a, b, overrides.get((i, name)))
         if not bool(torch.isfinite(x).all()):
             return UserError(f"{f.path}: tensor `{name}` contains NaN or Inf")
     return UserError(f"the weighted average of tensor `{name}` overflows (non-finite "
@@ -178,7 +178,7 @@ def _prefetched(inputs, ref, chunks: list[tuple[str, int, int]], overrides: dict
             fut.result()
             if k + 1 < len(chunks):
                 fut = pool.submit(ahead, k + 1)
-            yield name, a, b, [_read(f, ref, name, a, b, overrides.get((i, name)))
+            yield name, a, b, [read_chunk(f, ref, name, a, b, overrides.get((i, name)))
                                for i, f in enumerate(inputs)]
             if b == ref.tensors[name].numel:  # the tensor's last chunk
                 for f in {id(x): x for x in [*inputs, ref]}.values():

@@ -135,30 +135,45 @@ def execute_tensorwise(p: Plan, bar) -> None:
     cfg = p.cfg
     compute = getattr(torch, cfg.compute_dtype)
     out_dtype = torch_dtype(p.out_dtype)
-    # TIES without L1 rescale is elementwise once the thresholds are known: chunked
+    # TIES without L1 rescale is elementwise once the thresholds are known: streamed
     chunked = cfg.method == "ties" and not any(tp.glob.get("rescale") for tp in p.tensors)
     thresholds = None
     if cfg.ties_trim == "model" and cfg.method in ("ties", "dare_ties"):
         dens = [float(q["density"]) for q in p.tensors[0].params]
         thresholds = S.whole_model_thresholds(p, dens, compute)
 
+    fn = METHODS[cfg.method].fn
+
     def load(tp):
-        return S.load_inputs(p, tp, chunked, compute)
+        return S.load_inputs(p, tp, False, compute)
 
-    with ThreadPoolExecutor(cfg.threads or 1) as pool:
-        def compute_one(tp, xs, b):
-            return S.merge_tensor(p, tp, xs, b, fn=METHODS[cfg.method].fn, compute=compute,
-                                  out_dtype=out_dtype, thresholds=thresholds,
-                                  chunked=chunked, pool=pool)
+    def compute_one(tp, xs, b):
+        return S.merge_tensor(p, tp, xs, b, fn=fn, compute=compute, out_dtype=out_dtype,
+                              thresholds=thresholds)
 
-        with atomic_output(p.output, cfg.overwrite) as tmp:
-            entries = [(t.name, t.dtype, t.shape) for t in p.tensors]
-            with ShardedWriter(tmp, entries, cfg.max_shard_size,
-                               metadata={"lmalloy_merge": cfg.method}) as writer:
+    with atomic_output(p.output, cfg.overwrite) as tmp:
+        entries = [(t.name, t.dtype, t.shape) for t in p.tensors]
+        with ShardedWriter(tmp, entries, cfg.max_shard_size,
+                           metadata={"lmalloy_merge": cfg.method}) as writer:
+            if chunked:  # chunk by chunk, straight into the writer
+                pool = ThreadPoolExecutor(cfg.threads) if (cfg.threads or 1) > 1 else None
+                try:
+                    for tp in p.tensors:
+                        if tp.merge:
+                            S.ties_streamed(p, tp, writer, fn, compute, out_dtype, thresholds,
+                                            pool)
+                        else:
+                            writer.write(tp.name, p.ref.read(tp.name))
+                        if bar is not None:
+                            bar.update(tp.nbytes_in)
+                finally:
+                    if pool is not None:
+                        pool.shutdown()
+            else:
                 _stream(p, writer, load, compute_one, bar)
-            write_config(tmp, _out_config(p), p.out_dtype)
-            copy_aux_files(p.ref.path, tmp)
-            _write_meta(p, tmp)
+        write_config(tmp, _out_config(p), p.out_dtype)
+        copy_aux_files(p.ref.path, tmp)
+        _write_meta(p, tmp)
 
 
 def execute(p: Plan) -> None:

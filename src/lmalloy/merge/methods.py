@@ -146,13 +146,26 @@ def kth_largest(a: Tensor, k: int) -> Tensor:
     that bucket alone (~1% of the entries). No sort; ~4x faster than `kthvalue` on the whole.
     """
     a = a.reshape(-1)
-    if a.dtype != torch.float32:
-        a = a.float()
-    hi = a.view(torch.int32) >> 16  # (n,) in [0, 32767] for a >= 0
-    from_top = torch.bincount(hi, minlength=1 << 15).flip(0).cumsum(0)
+    return kth_largest_streaming(lambda: iter([a]), k)
+
+
+def kth_largest_streaming(chunks, k: int) -> Tensor:
+    """`kth_largest` over a tensor given as chunks: `chunks()` yields its non-negative
+    parts (any sizes, the same each call). Two passes, each holding one chunk: a histogram
+    of the top 16 float bits, then the entries of the one bucket that holds the answer."""
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    for c in chunks():
+        c = c.reshape(-1).float()
+        hist += torch.bincount(c.view(torch.int32) >> 16, minlength=1 << 15)
+    from_top = hist.flip(0).cumsum(0)
     j = int(torch.searchsorted(from_top, torch.tensor(k)))
     above = int(from_top[j - 1]) if j > 0 else 0
-    sub = a[hi == (1 << 15) - 1 - j]
+    bucket = (1 << 15) - 1 - j
+    parts = []
+    for c in chunks():
+        c = c.reshape(-1).float()
+        parts.append(c[(c.view(torch.int32) >> 16) == bucket])
+    sub = torch.cat(parts)
     return torch.kthvalue(sub, sub.numel() - (k - above) + 1).values
 
 

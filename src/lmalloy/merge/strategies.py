@@ -2,9 +2,12 @@
 
 - **weighted averages** (linear, soup, greedy soup) are not here: they stream through
   `lmalloy.average.weighted`, chunk by chunk, the same code as `lmalloy average`;
-- **chunked TIES** (`ties_chunked`): TIES without L1 rescale is elementwise once each
-  model's magnitude threshold for the tensor is known, so it runs on 1M-entry chunks of
-  inputs kept in their own dtype (peak memory about one fp32 tensor);
+- **streamed TIES** (`ties_streamed`): TIES without L1 rescale is elementwise once each
+  model's magnitude threshold for the tensor is known: the thresholds come from two
+  chunked passes (a histogram of the float bits, then the one bucket holding the k-th
+  largest: `kth_largest_streaming`), then the method runs on 1M-entry chunks read as
+  zero-copy views of the mapped inputs and each chunk goes to the writer at once — peak
+  memory is a few chunks, whatever the tensor size;
 - **generic** (`merge_tensor`): the method's pure function on whole fp32 tensors.
 
 Inputs are read whole here (`read_input`), their rows aligned with the reference for
@@ -17,7 +20,6 @@ are checked first.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 from lmalloy.errors import UserError
 from lmalloy.merge.plan import Plan, TensorPlan
@@ -72,53 +74,94 @@ def load_inputs(p: Plan, tp: TensorPlan, keep_dtype: bool, compute):
     return xs, b
 
 
-def thresholds_for(tp: TensorPlan, flat, bflat, compute) -> list[float]:
-    """Per model, the magnitude of its τ's k-th largest entry (k = density·n) for a tensor."""
-    from lmalloy.merge.methods import kth_largest
+def chunk_reader(p: Plan, tp: TensorPlan):
+    """read(folder, a, b): entries [a, b) of the tensor in `folder`, a zero-copy view (rows
+    aligned to the reference for padding, or re-indexed to the output vocabulary)."""
+    from lmalloy.average.weighted import read_chunk
 
-    n = bflat.numel()
+    overrides = {}
+    if p.vocab is not None and tp.name in p.vocab.names:
+        from lmalloy.merge.vocab import reindexed
+
+        overrides = reindexed(p.vocab, p.inputs, tp.name)
+
+    def read(f, a: int, b: int):
+        return read_chunk(f, p.ref, tp.name, a, b, overrides.get(str(f.path)))
+
+    return read
+
+
+def _abs_delta_chunks(p: Plan, tp: TensorPlan, read, m, compute):
+    n = math.prod(tp.shape)
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        yield (read(m, a, b).to(compute) - read(p.base, a, b).to(compute)).abs_()
+
+
+def streamed_thresholds(p: Plan, tp: TensorPlan, read, compute) -> list[float]:
+    """Per model, the magnitude of its τ's k-th largest entry (k = density·n) for one
+    tensor, from chunks (two passes, one chunk held at a time)."""
+    from lmalloy.merge.methods import kth_largest_streaming
+
+    n = math.prod(tp.shape)
     thr = []
-    b32 = bflat.to(compute)
-    for x, q in zip(flat, tp.params, strict=True):
+    for m, q in zip(p.models, tp.params, strict=True):
         dens = float(q["density"])
         if dens >= 1:
             thr.append(0.0)  # keeps every entry
         elif dens <= 0:
             thr.append(math.inf)
         else:
-            a = (x.to(compute) - b32).abs_()  # never in place: x may be the input
-            thr.append(float(kth_largest(a, max(1, int(dens * n)))))
+            thr.append(float(kth_largest_streaming(
+                lambda m=m: _abs_delta_chunks(p, tp, read, m, compute), max(1, int(dens * n)))))
     return thr
 
 
-def ties_chunked(fn, tp: TensorPlan, xs, base, ctx, compute, out_dtype,
-                 pool: ThreadPoolExecutor):
-    """Each model's threshold on its whole τ (or the whole-model ones in `ctx`), then the
-    method on 1M-entry chunks with those thresholds: the same result, far less memory."""
+def ties_streamed(p: Plan, tp: TensorPlan, writer, fn, compute, out_dtype,
+                  thresholds=None, pool=None) -> None:
+    """One TIES tensor, chunk by chunk into `writer` (see the module docstring). With a
+    `pool` (`--threads N`), N chunks are computed at once (torch releases the GIL) and
+    written in order; at most 2N are in flight."""
     import torch
 
+    from lmalloy.io.folder import check_finite
     from lmalloy.merge.methods import TensorCtx
 
+    read = chunk_reader(p, tp)
+    thr = thresholds if thresholds is not None else streamed_thresholds(p, tp, read, compute)
+    ctx = TensorCtx(tp.name, p.cfg.seed, tuple(thr))
     n = math.prod(tp.shape)
-    flat = [x.reshape(-1) for x in xs]
-    bflat = base.reshape(-1)
-    thr = ctx.thresholds if ctx.thresholds is not None else thresholds_for(tp, flat, bflat,
-                                                                          compute)
-    cctx = TensorCtx(ctx.name, ctx.seed, tuple(thr))
-    out = torch.empty(n, dtype=out_dtype)
 
-    def part(a: int) -> None:
+    def part(a: int):
         b = min(n, a + CHUNK)
-        out[a:b] = fn([x[a:b].to(compute) for x in flat], bflat[a:b].to(compute),
-                      tp.params, tp.glob, cctx)
+        with torch.no_grad():
+            xs = [read(m, a, b).to(compute) for m in p.models]
+            base = read(p.base, a, b).to(compute)
+            for f, x in zip([*p.models, p.base], [*xs, base], strict=True):
+                if not finite(x):  # TIES may trim a NaN away: check the inputs
+                    check_finite(tp.name, x, f.path)
+            out = fn(xs, base, tp.params, tp.glob, ctx)
+            if not finite(out):
+                raise name_nonfinite(p, tp.name, "check the parameters")
+            return out.to(out_dtype)
 
-    # chunks are independent: `--threads` workers share them (torch releases the GIL)
-    list(pool.map(part, range(0, n, CHUNK)))
-    return out.view(tp.shape)
+    writer.begin(tp.name, tp.dtype, tp.shape)
+    starts = list(range(0, n, CHUNK))
+    if pool is None:
+        for a in starts:
+            writer.part(part(a))
+    else:
+        window = 2 * pool._max_workers
+        futs = [pool.submit(part, a) for a in starts[:window]]
+        for i in range(len(starts)):
+            writer.part(futs[i].result())
+            futs[i] = None
+            if i + window < len(starts):
+                futs.append(pool.submit(part, starts[i + window]))
+    writer.end()
 
 
-def merge_tensor(p: Plan, tp: TensorPlan, xs, b, *, fn, compute, out_dtype, thresholds,
-                 chunked: bool, pool):
+def merge_tensor(p: Plan, tp: TensorPlan, xs, b, *, fn, compute, out_dtype, thresholds):
     """One output tensor of a non-averaging method, NaN/Inf named by input."""
     import torch
 
@@ -134,10 +177,7 @@ def merge_tensor(p: Plan, tp: TensorPlan, xs, b, *, fn, compute, out_dtype, thre
                 check_finite(tp.name, x, f.path)
     ctx = TensorCtx(tp.name, p.cfg.seed, thresholds)
     with torch.no_grad():
-        if chunked:
-            out = ties_chunked(fn, tp, xs, b, ctx, compute, out_dtype, pool)
-        else:
-            out = fn(xs, b, tp.params, tp.glob, ctx)
+        out = fn(xs, b, tp.params, tp.glob, ctx)
     if out.is_floating_point() and not finite(out):
         raise name_nonfinite(p, tp.name, "check the parameters")
     return out.to(out_dtype)
@@ -183,13 +223,14 @@ def whole_model_thresholds(p: Plan, densities: list[float], compute) -> tuple[fl
 
 
 def _abs_deltas(p: Plan, compute):
-    """(model index, |τ| flattened) for every floating tensor, one at a time."""
+    """(model index, |τ| of one chunk) for every floating tensor, a chunk at a time."""
     for tp in p.tensors:
         if not tp.merge:
             continue
-        b = p.base.read(tp.name).to(compute)
+        read = chunk_reader(p, tp)
         for i, m in enumerate(p.models):
-            yield i, (read_input(m, tp, b, compute) - b).abs().reshape(-1)
+            for c in _abs_delta_chunks(p, tp, read, m, compute):
+                yield i, c
 
 
 def _window(hist, k: int | None, lo: float, hi: float, bins: int):
