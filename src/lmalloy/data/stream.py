@@ -1,9 +1,9 @@
 """JSONL and Parquet corpus files, read document by document and never held in memory.
 
 A `Stream` is one such file. Opening it checks, cheaply and before any heavy work, what can
-be checked without reading it all: a JSONL file's first `PEEK_LINES` lines parse and hold a
-string `--text-field`; a Parquet file's schema has that column as text and its statistics
-show no nulls. (Every line is checked by the read-only pass that precedes packing:
+be checked without reading it all: a JSONL file's first `PEEK_LINES` lines (at most
+`PEEK_BYTES`) parse and hold a string `--text-field`; a Parquet file's schema has that
+column as text and its statistics show no nulls. (Every line is checked by the read-only pass that precedes packing:
 `lmalloy.data.corpus.scan`.) A line's `domain` field, or a `domain` column, overrides the
 file's domain for that document.
 
@@ -29,6 +29,7 @@ from lmalloy.errors import UserError
 
 STREAM_SUFFIXES = (".jsonl", ".parquet")
 PEEK_LINES = 1000
+PEEK_BYTES = 4 << 20
 SLICE_BYTES = 8 << 20
 PARQUET_BATCH_ROWS = 256
 
@@ -91,16 +92,16 @@ def _jsonl_doc(raw: bytes, field: str, domain: str) -> tuple[str, str, str]:
 
 
 def _open_jsonl(path: Path, domain: str, field: str) -> Stream:
-    seen = 0
+    seen = read = 0
     with open_binary(path, "--data file") as f:
         for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            _, text, err = _jsonl_doc(raw, field, domain)
-            if err:
-                raise UserError(f"{path} line {i}: {err}")
-            seen += bool(text)
-            if i >= PEEK_LINES:
+            read += len(raw)
+            if raw.strip():
+                _, text, err = _jsonl_doc(raw, field, domain)
+                if err:
+                    raise UserError(f"{path} line {i}: {err}")
+                seen += bool(text)
+            if i >= PEEK_LINES or read >= PEEK_BYTES:
                 break
         else:
             if not seen:
