@@ -50,6 +50,9 @@ def test_bad_corpora(tmp_path):
         load_corpus([str(tmp_path / "bad.jsonl")])
     with pytest.raises(UserError, match="did you mean `json`"):
         load_corpus(["stdlib"], domains=["jsn"])
+    # an excluded stdlib domain is not read, and is not "unknown" either
+    c = load_corpus(["stdlib"], domains=["json", "tomllib"], exclude=["json"])
+    assert {d.domain for d in c.documents} == {"tomllib"}
 
 
 def test_data_list_cli(capsys):

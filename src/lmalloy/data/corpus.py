@@ -181,7 +181,9 @@ def _read_text(path: Path, skipped: list[str]) -> str | None:
 
 
 def _stdlib_documents(domains: list[str] | None, exclude, only: bool,
-                      skipped: list[str]) -> list[Document]:
+                      skipped: list[str]) -> tuple[list[Document], set[str]]:
+    """The documents of the stdlib domains wanted (the others are not read), and the names
+    of all its domains."""
     files = _stdlib_files()
     names = {d for d, _ in files}
     for name in [*(domains or []), *exclude]:
@@ -194,7 +196,7 @@ def _stdlib_documents(domains: list[str] | None, exclude, only: bool,
         text = _read_text(p, skipped)
         if text is not None:
             docs.append(Document(domain, str(p.relative_to(stdlib_root())), text))
-    return docs
+    return docs, names
 
 
 def _user_files(src: str) -> list[tuple[str, Path]]:
@@ -238,12 +240,15 @@ def load_corpus(sources: list[str], domains: list[str] | None = None,
     held: list[Document] = []
     streams: list[Stream] = []
     skipped: list[str] = []
+    present: set[str] = set()
     for src in sources:
         if src == "stdlib":
-            held += _stdlib_documents(domains, exclude, len(sources) == 1, skipped)
+            docs, names = _stdlib_documents(domains, exclude, len(sources) == 1, skipped)
+            held += docs
+            present |= names
         else:
             _user_source(src, text_field, held, streams, skipped)
-    present = {d.domain for d in held}
+    present |= {d.domain for d in held}
     could = present | {s.domain for s in streams}
     if not any(s.line_domains for s in streams):
         for name in [*(domains or []), *exclude]:

@@ -30,7 +30,10 @@ BATCH_CHARS = 256 << 10  # text per encode_batch call: bounds the memory of its 
 
 
 def default_num_proc() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    """min(4, the CPU cores this process may use)."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 def split_hash(seed: int, domain: str, data: bytes) -> float:
