@@ -76,9 +76,10 @@ class Corpus:
     drop: list[str] = field(default_factory=list)
     max_chars_per_domain: int | None = None
     num_proc: int | None = None  # processes for the streamed files (None: min(4, cores))
-    present: set[str] = field(default_factory=set)  # held domains before filtering
-    _docs: list[Document] | None = field(default=None, repr=False)
-    _stats: dict[str, list[int]] | None = field(default=None, repr=False)
+    present: set[str] = field(default_factory=set)  # the held sources' domains, unfiltered
+    _docs: list[Document] | None = field(default=None, init=False, repr=False, compare=False)
+    _stats: dict[str, list[int]] | None = field(default=None, init=False, repr=False,
+                                                compare=False)
 
     def cap(self) -> Cap:
         """The cap as it stands after the held documents (streamed ones come after them)."""
@@ -103,7 +104,7 @@ class Corpus:
 
         job, cap = Job(None, text_field=self.text_field, **self.filters()), self.cap()
         todo = ([whole(s) for s in self.streams] if whole_files else self.slices())
-        bar = progress(sum(sl.in_bytes for sl in todo), desc) if desc else None
+        bar = progress(sum(sl.in_bytes for sl in todo), desc) if desc and todo else None
         try:
             for sl in todo:
                 for domain, text, loc in job.documents(sl):
