@@ -51,7 +51,7 @@ def write_parquet(path: Path, docs, field: str = "text", rows_per_group: int = 5
 
 def reference(docs, tok: Tok, f: float, seed: int) -> dict[str, bytes]:
     """train.bin / val.bin bytes derived from the streamed split rule by hand."""
-    rule = StreamSplit(f, seed)
+    rule = StreamSplit(f)
     order = list(dict.fromkeys(d for d, _ in docs))
     ids = tok.encode_batch([t for _, t in docs])
     is_val = [rule(d, len(t.encode()) + 1, split_hash(seed, d, t.encode())) for d, t in docs]
@@ -97,14 +97,14 @@ def test_streamed_split_rule():
     rng = random.Random(1)
     sizes = [rng.randint(10, 2000) for _ in range(3000)]
     for f in (0.01, 0.1, 0.5):
-        rule = StreamSplit(f, 0)
+        rule = StreamSplit(f)
         val = [rule("d", s, split_hash(0, "d", str(i).encode())) for i, s in enumerate(sizes)]
         assert val[:2] == [False, True]  # the first trains, the second is held out
         held = sum(s for s, v in zip(sizes, val, strict=True) if v)
         assert abs(held - f * sum(sizes)) <= max(max(sizes), sizes[1]), f
-    one = StreamSplit(0.5, 0)
+    one = StreamSplit(0.5)
     assert one("solo", 100, 0.0) is False  # a one-document domain trains
-    none = StreamSplit(0.0, 0)
+    none = StreamSplit(0.0)
     assert not any(none("d", 10, 0.0) for _ in range(5))
 
 

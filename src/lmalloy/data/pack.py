@@ -104,8 +104,8 @@ def split_documents(corpus: Corpus, val_fraction: float, seed: int) -> list[bool
 class StreamSplit:
     """The split of streamed documents, one at a time in corpus order (module docstring)."""
 
-    def __init__(self, val_fraction: float, seed: int):
-        self.f, self.seed = val_fraction, seed
+    def __init__(self, val_fraction: float):
+        self.f = val_fraction
         self.state: dict[str, list] = {}  # domain -> [documents, bytes, held out, val bytes]
 
     def __call__(self, domain: str, size: int, u: float) -> bool:
@@ -134,7 +134,7 @@ def train_documents(corpus: Corpus, val_fraction: float, seed: int) -> Iterator[
     """The texts of the training documents, streamed, in corpus order (for the tokenizer)."""
     is_val = split_documents(corpus, val_fraction, seed)
     yield from (d.text for d, v in zip(corpus.held, is_val, strict=True) if not v)
-    rule = StreamSplit(val_fraction, seed)
+    rule = StreamSplit(val_fraction)
     for domain, text, _, _ in corpus.streamed("tokenizer"):
         data = text.encode("utf-8")
         if not rule(domain, len(data) + 1, split_hash(seed, domain, data)):
@@ -288,7 +288,7 @@ def _write_packed(corpus: Corpus, tok: Tok, out: Path, val_fraction: float, seed
             enc = job.encode(((d.domain, d.text) for d in corpus.held[lo:hi]), 0)
             parts.add(enc, np.array(is_val[lo:hi], np.int8))
             bar.update(int(enc.nchars.sum()))
-        rule, cap = StreamSplit(val_fraction, seed), corpus.cap()
+        rule, cap = StreamSplit(val_fraction), corpus.cap()
         for enc in run_slices(job, todo, num_proc or corpus.num_proc):
             parts.add(enc, rule.decide(enc, cap))
             bar.update(enc.in_bytes)
