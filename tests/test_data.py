@@ -9,7 +9,7 @@ import pytest
 
 from common import assert_user_error, run_cli
 from lmalloy.data.corpus import load_corpus
-from lmalloy.data.pack import EpochSampler, load_tokens, pack
+from lmalloy.data.pack import EpochSampler, load_tokens, pack, split_documents
 from lmalloy.data.tokenizer import EOS, PAD, Tok, train_tokenizer
 from lmalloy.errors import UserError
 
@@ -50,6 +50,9 @@ def test_bad_corpora(tmp_path):
         load_corpus([str(tmp_path / "bad.jsonl")])
     with pytest.raises(UserError, match="did you mean `json`"):
         load_corpus(["stdlib"], domains=["jsn"])
+    # an excluded stdlib domain is not read, and is not "unknown" either
+    c = load_corpus(["stdlib"], domains=["json", "tomllib"], exclude=["json"])
+    assert {d.domain for d in c.documents} == {"tomllib"}
 
 
 def test_data_list_cli(capsys):
@@ -129,3 +132,21 @@ def test_every_token_once_per_epoch_no_padding(packed):
     assert not np.array_equal(s.chunk_ids(0, n), s.chunk_ids(n, n))
     both = s.chunk_ids(n - 3, 6)
     assert np.array_equal(both, np.concatenate([s.chunk_ids(n - 3, 3), s.chunk_ids(n, 3)]))
+
+
+def test_held_corpus_packs_to_the_reference_layout(packed):
+    # the layout the streaming packer must keep for held corpora (stdlib, text files):
+    # per split, per domain in order of first appearance, each document's ids then EOS
+    corpus, tok, out, meta = packed
+    is_val = split_documents(corpus, 0.2, 3)
+    ids = tok.encode_batch([d.text for d in corpus.documents])
+    order = list(dict.fromkeys(d.domain for d in corpus.documents))
+    for split, want in (("train", False), ("val", True)):
+        ref = [x + [tok.eos_id] for dom in order
+               for d, x, v in zip(corpus.documents, ids, is_val, strict=True)
+               if d.domain == dom and v == want]
+        ref = np.array([t for x in ref for t in x], dtype=np.uint16)
+        assert (out / f"{split}.bin").read_bytes() == ref.tobytes(), split
+    assert list(meta["domains"]) == order
+    assert list(meta) == ["dtype", "eos_id", "pad_id", "vocab_size", "domains", "train_tokens",
+                          "val_tokens", "key"]

@@ -34,7 +34,8 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def packed(corpus, tok, val_fraction: float = 0.05, seed: int = 0) -> tuple[Path, dict]:
+def packed(corpus, tok, val_fraction: float = 0.05, seed: int = 0,
+           num_proc: int | None = None) -> tuple[Path, dict]:
     """(folder, meta) of `corpus` packed with `tok`, from the cache or built into it."""
     from lmalloy.data.pack import pack, pack_key, read_meta
     from lmalloy.io.writer import clean_stale_tmp
@@ -48,4 +49,4 @@ def packed(corpus, tok, val_fraction: float = 0.05, seed: int = 0) -> tuple[Path
         return folder, meta
     with file_lock(root / f".{name}.lock"):
         clean_stale_tmp(root)
-        return folder, pack(corpus, tok, folder, val_fraction, seed)
+        return folder, pack(corpus, tok, folder, val_fraction, seed, num_proc)

@@ -23,7 +23,12 @@ class DataFields(Config):
     """The fields every command that reads a corpus shares."""
 
     data: list[str] = Field(["stdlib"], description="corpus: `stdlib` (the running Python's "
-                            "standard library), files, folders, globs or JSONL with a `text` field")
+                            "standard library), files, folders, globs, and JSONL or Parquet "
+                            "files (streamed, never held in memory)")
+    text_field: str = Field("text", min_length=1, description="the JSONL field / Parquet "
+                            "column that holds a document's text")
+    num_proc: int | None = Field(None, ge=1, description="processes that read and tokenize "
+                                 "JSONL/Parquet files (default: min(4, CPU cores))")
     domains: list[str] | None = Field(None, description="keep only these domains")
     exclude_domains: list[str] = Field([], description="drop these domains")
     max_chars_per_domain: int | None = Field(None, gt=0, description="cap each domain's size "

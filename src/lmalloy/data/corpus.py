@@ -1,4 +1,4 @@
-"""Corpora as lists of documents with a domain each.
+"""Corpora: documents with a domain each, held in memory or streamed from JSONL/Parquet.
 
 The built-in `stdlib` corpus is the running interpreter's standard library: every `.py`
 file under `sysconfig.get_paths()["stdlib"]` (site-packages excluded), sorted by path,
@@ -6,11 +6,18 @@ one document per file, the domain being the top-level package (`asyncio`, `email
 top-level modules form the domain `toplevel`). It is on every machine, so the demo and
 the tests need no download.
 
-User data: files (one document each; `.jsonl` files give one document per line's `text`
-field), folders (every file below, recursively; the domain is the first sub-folder, or
-the folder's name), and globs. Policy for bad files: a file that is not UTF-8 or holds NUL
-bytes is skipped and counted (a warning names the count and the first one); an empty
-result is an error.
+User data: files, folders (every file below, recursively; the domain is the first
+sub-folder, or the folder's name), and globs. `.jsonl` and `.parquet` files are *streamed*:
+one document per line (row), its text in the `--text-field` field (column, default `text`),
+its domain the file's unless the line's `domain` field (a `domain` column) names one. They
+are checked cheaply when loaded, read in full only by `scan` and by packing, slice by slice,
+and never held (`lmalloy.data.stream`). Any other file is *held*: read now, one document
+each. Policy for bad files: a held file that is not UTF-8 or holds NUL bytes is skipped and
+counted (a warning names the count and the first one); a bad JSONL line or Parquet row is
+an error naming it; an empty result is an error.
+
+Corpus order: held documents in source order, then streamed files in source order.
+`--domains`/`--exclude-domains`, then `--max-chars-per-domain` (`Cap`), apply to both.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import glob as globlib
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmalloy.data.jsonl import iter_jsonl
+from lmalloy.data.stream import STREAM_SUFFIXES, Slice, Stream, open_stream, slices, whole
 from lmalloy.errors import UserError, unknown
 
 
@@ -33,10 +41,99 @@ class Document:
     text: str
 
 
+class Cap:
+    """`--max-chars-per-domain`: a document is kept while its domain's kept characters are
+    below the cap (whole documents, in corpus order)."""
+
+    def __init__(self, limit: int | None, used: dict[str, int] | None = None):
+        self.limit, self.used = limit, dict(used or {})
+
+    def __call__(self, domain: str, nchars: int) -> bool:
+        if self.limit is None:
+            return True
+        used = self.used.get(domain, 0)
+        if used >= self.limit:
+            return False
+        self.used[domain] = used + nchars
+        return True
+
+
+def progress(total: int, desc: str):
+    """A bytes progress bar on stderr (off when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                disable=None, leave=False, mininterval=1.0)
+
+
 @dataclass
 class Corpus:
-    documents: list[Document]
+    held: list[Document]
     skipped: list[str] = field(default_factory=list)
+    streams: list[Stream] = field(default_factory=list)
+    text_field: str = "text"
+    keep: list[str] | None = None  # --domains (streamed documents are filtered as read)
+    drop: list[str] = field(default_factory=list)
+    max_chars_per_domain: int | None = None
+    num_proc: int | None = None  # processes for the streamed files (None: min(4, cores))
+    present: set[str] = field(default_factory=set)  # the held sources' domains, unfiltered
+    _docs: list[Document] | None = field(default=None, init=False, repr=False, compare=False)
+    _stats: dict[str, list[int]] | None = field(default=None, init=False, repr=False,
+                                                compare=False)
+
+    def cap(self) -> Cap:
+        """The cap as it stands after the held documents (streamed ones come after them)."""
+        used: dict[str, int] = {}
+        for d in self.held:
+            used[d.domain] = used.get(d.domain, 0) + len(d.text)
+        return Cap(self.max_chars_per_domain, used)
+
+    def filters(self) -> dict:
+        return {"keep": frozenset(self.keep) if self.keep else None,
+                "drop": frozenset(self.drop)}
+
+    def slices(self) -> list[Slice]:
+        return [sl for s in self.streams for sl in slices(s)]
+
+    def streamed(self, desc: str | None = None, whole_files: bool = False
+                 ) -> Iterator[tuple[str, str, int, Path]]:
+        """(domain, text, location, file) of each streamed document the filters and the cap
+        keep, in order, read in this process (a progress bar named `desc`; `whole_files`:
+        one slice per file, so that JSONL locations are line numbers)."""
+        from lmalloy.data.encode import Job
+
+        job, cap = Job(None, text_field=self.text_field, **self.filters()), self.cap()
+        todo = ([whole(s) for s in self.streams] if whole_files else self.slices())
+        bar = progress(sum(sl.in_bytes for sl in todo), desc) if desc and todo else None
+        try:
+            for sl in todo:
+                for domain, text, loc in job.documents(sl):
+                    if cap(domain, len(text)):
+                        yield domain, text, loc, Path(sl.path)
+                if bar is not None:
+                    bar.update(sl.in_bytes)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def iter_documents(self) -> Iterator[Document]:
+        """Every document in corpus order; streamed files are read here, one at a time."""
+        yield from self.held
+        for domain, text, loc, path in self.streamed(whole_files=True):
+            yield Document(domain, f"{path}:{loc}", text)
+
+    def texts(self) -> Iterator[str]:
+        """Every document's text, streamed (with a progress bar over the streamed files)."""
+        yield from (d.text for d in self.held)
+        yield from (text for _, text, _, _ in self.streamed("read"))
+
+    @property
+    def documents(self) -> list[Document]:
+        """Every document in memory: streamed files are read in full, once. For the commands
+        that need the texts of small corpora; packing and tokenizer training never call it."""
+        if self._docs is None:
+            self._docs = list(self.iter_documents())
+        return self._docs
 
     def domains(self) -> dict[str, list[Document]]:
         out: dict[str, list[Document]] = {}
@@ -84,102 +181,162 @@ def _read_text(path: Path, skipped: list[str]) -> str | None:
         return None
 
 
-def _jsonl_documents(path: Path, domain: str, text_field: str = "text") -> list[Document]:
+def _stdlib_documents(domains: list[str] | None, exclude, only: bool,
+                      skipped: list[str]) -> tuple[list[Document], set[str]]:
+    """The documents of the stdlib domains wanted (the others are not read), and the names
+    of all its domains."""
+    files = _stdlib_files()
+    names = {d for d, _ in files}
+    for name in [*(domains or []), *exclude]:
+        if name not in names and only:
+            raise unknown("domain", name, names)
     docs = []
-    for i, obj in iter_jsonl(path, "--data file"):
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise UserError(f"{path} line {i}: expected an object with a string "
-                            f"`{text_field}` field")
-        docs.append(Document(str(obj.get("domain", domain)), f"{path}:{i}", obj[text_field]))
-    return docs
+    for domain, p in files:
+        if (domains and domain not in domains) or domain in exclude:
+            continue
+        text = _read_text(p, skipped)
+        if text is not None:
+            docs.append(Document(domain, str(p.relative_to(stdlib_root())), text))
+    return docs, names
 
 
-def _user_source(src: str, skipped: list[str]) -> list[Document]:
+def _user_files(src: str) -> list[tuple[str, Path]]:
     p = Path(src)
     if p.is_file():
-        paths = [(p.stem, p)]
-    elif p.is_dir():
+        return [(p.stem, p)]
+    if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        paths = [((f.relative_to(p).parts[0] if len(f.relative_to(p).parts) > 1
-                   else p.resolve().name), f) for f in files]
-    elif any(ch in src for ch in "*?["):
+        return [((f.relative_to(p).parts[0] if len(f.relative_to(p).parts) > 1
+                  else p.resolve().name), f) for f in files]
+    if any(ch in src for ch in "*?["):
         matches = sorted(Path(m) for m in globlib.glob(src, recursive=True))
         paths = [(m.parent.name or "data", m) for m in matches if m.is_file()]
         if not paths:
             raise UserError(f"--data glob `{src}` matches no files")
-    else:
-        raise UserError(f"--data source not found: {src} (a file, folder, glob or `stdlib`)")
-    docs = []
-    for domain, f in paths:
-        if f.suffix == ".jsonl":
-            docs += _jsonl_documents(f, domain)
+        return paths
+    raise UserError(f"--data source not found: {src} (a file, folder, glob or `stdlib`)")
+
+
+def _user_source(src: str, text_field: str, held: list[Document], streams: list[Stream],
+                 skipped: list[str]) -> None:
+    for domain, f in _user_files(src):
+        if f.suffix in STREAM_SUFFIXES:
+            streams.append(open_stream(f, domain, text_field))
         else:
             text = _read_text(f, skipped)
             if text is not None:
-                docs.append(Document(domain, str(f), text))
-    return docs
+                held.append(Document(domain, str(f), text))
 
 
 def load_corpus(sources: list[str], domains: list[str] | None = None,
                 exclude: list[str] = (), max_chars_per_domain: int | None = None,
-                quiet: bool = False) -> Corpus:
-    """Read every source; filter domains; UserError when nothing is left."""
+                quiet: bool = False, text_field: str = "text",
+                num_proc: int | None = None) -> Corpus:
+    """Read the held sources, open (and check) the streamed ones, filter domains; UserError
+    when nothing is left. A `--domains` name that only a streamed file's lines could hold
+    is checked by `scan`."""
     if not sources:
         raise UserError("--data is empty: name a corpus (`stdlib`), files, folders or globs")
-    docs: list[Document] = []
+    held: list[Document] = []
+    streams: list[Stream] = []
     skipped: list[str] = []
+    present: set[str] = set()
     for src in sources:
         if src == "stdlib":
-            files = _stdlib_files()
-            names = {d for d, _ in files}
-            for name in [*(domains or []), *exclude]:
-                if name not in names and len(sources) == 1:
-                    raise unknown("domain", name, names)
-            for domain, p in files:
-                if (domains and domain not in domains) or domain in exclude:
-                    continue
-                text = _read_text(p, skipped)
-                if text is not None:
-                    docs.append(Document(domain, str(p.relative_to(stdlib_root())), text))
+            docs, names = _stdlib_documents(domains, exclude, len(sources) == 1, skipped)
+            held += docs
+            present |= names
         else:
-            docs += _user_source(src, skipped)
-    present = {d.domain for d in docs}
-    for name in [*(domains or []), *exclude]:
-        if name not in present:
-            raise unknown("domain", name, present)
-    if domains:
-        keep = set(domains)
-        docs = [d for d in docs if d.domain in keep]
-    if exclude:
-        drop = set(exclude)
-        docs = [d for d in docs if d.domain not in drop]
-    if max_chars_per_domain:
-        used: dict[str, int] = {}
-        kept = []
-        for d in docs:
-            if used.get(d.domain, 0) < max_chars_per_domain:
-                kept.append(d)
-                used[d.domain] = used.get(d.domain, 0) + len(d.text)
-        docs = kept
-    docs = [d for d in docs if d.text]
+            _user_source(src, text_field, held, streams, skipped)
+    present |= {d.domain for d in held}
+    could = present | {s.domain for s in streams}
+    if not any(s.line_domains for s in streams):
+        for name in [*(domains or []), *exclude]:
+            if name not in could:
+                raise unknown("domain", name, could)
+    keep, drop = set(domains or ()) or None, set(exclude)
+
+    def wanted(domain: str) -> bool:
+        return (keep is None or domain in keep) and domain not in drop
+
+    cap = Cap(max_chars_per_domain)
+    held = [d for d in held if wanted(d.domain) and cap(d.domain, len(d.text)) and d.text]
+    streams = [s for s in streams if not s.empty and (s.line_domains or wanted(s.domain))]
     if skipped and not quiet:
         print(f"lmalloy: skipped {len(skipped)} file(s) that are not UTF-8 text "
               f"(first: {skipped[0]})", file=sys.stderr)
-    if not docs:
+    if not held and not streams:
         raise UserError(f"the corpus is empty: no text in {', '.join(sources)}"
                         + (f" (skipped {len(skipped)} non-UTF-8 file(s))" if skipped else ""))
-    return Corpus(docs, skipped)
+    return Corpus(held, skipped, streams, text_field, sorted(keep) if keep else None,
+                  sorted(drop), max_chars_per_domain, num_proc, present)
+
+
+def corpus_from(cfg, quiet: bool = False) -> Corpus:
+    """`load_corpus` with a command config's data fields (`lmalloy.data.config.DataFields`)."""
+    return load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
+                       quiet=quiet, text_field=cfg.text_field, num_proc=cfg.num_proc)
+
+
+def scan(corpus: Corpus, num_proc: int | None = None) -> dict[str, list[int]]:
+    """Per domain [documents, characters, UTF-8 bytes] of the corpus as it will be packed.
+
+    Reads every streamed file in full (in parallel, no tokenizer), so every line is checked
+    here, before heavy work, and so are `--domains` names only the lines could hold;
+    UserError for a bad line, an unknown domain or an empty corpus. Computed once."""
+    if corpus._stats is not None:
+        return corpus._stats
+    stats: dict[str, list[int]] = {}
+
+    def add(domain: str, chars: int, nbytes: int) -> None:
+        s = stats.setdefault(domain, [0, 0, 0])
+        s[0], s[1], s[2] = s[0] + 1, s[1] + chars, s[2] + nbytes
+
+    for d in corpus.held:
+        add(d.domain, len(d.text), len(d.text.encode("utf-8")))
+    seen = set(corpus.present)
+    if corpus.streams:
+        _scan_streams(corpus, num_proc, seen, add)
+    for name in [*(corpus.keep or []), *corpus.drop]:
+        if name not in seen:
+            raise unknown("domain", name, seen)
+    if not stats:
+        raise UserError("the corpus is empty: no document with text in "
+                        + ", ".join(str(s.path) for s in corpus.streams))
+    corpus._stats = stats
+    return stats
+
+
+def _scan_streams(corpus: Corpus, num_proc: int | None, seen: set[str], add) -> None:
+    from lmalloy.data.encode import Job, run_slices
+
+    f = corpus.filters()
+    keep, drop, cap = f["keep"], f["drop"], corpus.cap()
+    todo = corpus.slices()
+    bar = progress(sum(sl.in_bytes for sl in todo), "check")
+    try:
+        job = Job(None, text_field=corpus.text_field)
+        for enc in run_slices(job, todo, num_proc or corpus.num_proc):
+            seen.update(enc.domains)
+            for d, c, b in zip(enc.doc_domain.tolist(), enc.nchars.tolist(),
+                               enc.nbytes.tolist(), strict=True):
+                name = enc.domains[d]
+                if (keep is None or name in keep) and name not in drop and cap(name, c):
+                    add(name, c, b)
+            bar.update(enc.in_bytes)
+    finally:
+        bar.close()
 
 
 def list_main(cfg) -> int:
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
-    doms = corpus.domains()
+    corpus = corpus_from(cfg)
+    stats = scan(corpus)
     print(f"{'domain':<28} {'documents':>9} {'chars':>12} {'MB':>7}")
-    for name, ds in sorted(doms.items(), key=lambda kv: -sum(len(d.text) for d in kv[1])):
-        chars = sum(len(d.text) for d in ds)
-        mb = sum(len(d.text.encode()) for d in ds) / 1e6
-        print(f"{name:<28} {len(ds):>9} {chars:>12,} {mb:>7.2f}")
-    print(f"{'total':<28} {len(corpus.documents):>9} {corpus.num_chars:>12,}"
+    for name, (n, chars, nbytes) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:<28} {n:>9} {chars:>12,} {nbytes / 1e6:>7.2f}")
+    docs, chars, nbytes = (sum(s[i] for s in stats.values()) for i in range(3))
+    print(f"{'total':<28} {docs:>9} {chars:>12,} {nbytes / 1e6:>7.2f}"
+          + (f"   ({len(corpus.streams)} streamed file(s))" if corpus.streams else "")
           + (f"   ({len(corpus.skipped)} non-UTF-8 file(s) skipped)" if corpus.skipped else ""))
     return 0

@@ -1,4 +1,8 @@
-"""Reading JSONL input files with errors that name the file and line."""
+"""Reading JSONL input files line by line, with errors that name the file and line.
+
+Lines end at `\\n` only (a JSON string may hold U+2028 or U+0085 raw; they do not end a
+line). The file is read as it is iterated, never held.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,49 @@ from pathlib import Path
 from lmalloy.errors import UserError
 
 
+def parse_line(raw: bytes) -> tuple[object, str]:
+    """(value, "") for a JSON line, or (None, what is wrong with it)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    try:
+        return json.loads(text), ""
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg})"
+
+
+def open_binary(path: Path, what: str):
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
 def iter_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for every non-blank line; UserError on a missing file,
     non-UTF-8 text or a line that is not JSON."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {i}: not valid JSON ({e.msg})") from None
+    with open_binary(p, what) as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            obj, err = parse_line(raw)
+            if err:
+                raise UserError(f"{p} line {i}: {err}")
+            yield i, obj
+
+
+def line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line that starts at byte `offset` (for error messages)."""
+    n = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 1 << 24))
+            if not block:
+                break
+            n += block.count(b"\n")
+            offset -= len(block)
+    return n

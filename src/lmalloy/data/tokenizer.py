@@ -134,22 +134,23 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def main(cfg) -> int:
-    """`lmalloy tokenizer`: train a byte-level BPE on a corpus."""
+    """`lmalloy tokenizer`: train a byte-level BPE on a corpus (streamed files included)."""
     import time
+    from itertools import islice
 
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from, scan
     from lmalloy.io.writer import atomic_output, check_output
 
     out = check_output(cfg.out, cfg.overwrite)
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
+    corpus = corpus_from(cfg)
+    scan(corpus)  # every streamed line checked before training
     t0 = time.perf_counter()
     with atomic_output(out, cfg.overwrite) as tmp:
-        train_tokenizer((d.text for d in corpus.documents), cfg.vocab_size, tmp,
-                        cfg.min_frequency)
+        train_tokenizer(corpus.texts(), cfg.vocab_size, tmp, cfg.min_frequency)
     tok = Tok.load(out)
-    sample = corpus.documents[: min(200, len(corpus.documents))]
-    n_chars = sum(len(d.text) for d in sample)
-    n_tok = sum(len(x) for x in tok.encode_batch([d.text for d in sample]))
+    sample = list(islice(corpus.texts(), 200))
+    n_chars = sum(len(t) for t in sample)
+    n_tok = sum(len(x) for x in tok.encode_batch(sample))
     print(f"tokenizer: {tok.vocab_size} tokens, {n_chars / max(n_tok, 1):.2f} chars/token, "
           f"trained in {time.perf_counter() - t0:.1f}s -> {out}", file=sys.stderr)
     return 0

@@ -58,13 +58,13 @@ def _print_table(cfg, results: dict) -> None:
 
 def main(cfg) -> int:
     from lmalloy.data.cache import packed
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from
     from lmalloy.data.tokenizer import Tok
     from lmalloy.io.models import load_causal_lm
 
     _check_models(cfg)
     tok = Tok.load(cfg.tokenizer or cfg.models[0])
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
+    corpus = corpus_from(cfg)
     folder, meta = packed(corpus, tok, cfg.val_fraction, cfg.seed)
     splits = ["train", "val"] if cfg.split == "all" else [cfg.split]
     tb = tok.token_bytes()

@@ -20,13 +20,12 @@ from lmalloy.errors import UserError
 
 def _heldout(cfg):
     from lmalloy.data.cache import packed
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from
     from lmalloy.data.pack import load_tokens
     from lmalloy.data.tokenizer import Tok
 
     tok = Tok.load(cfg.base_model or cfg.models[0].model)
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
-                         quiet=True)
+    corpus = corpus_from(cfg, quiet=True)
     folder, meta = packed(corpus, tok, cfg.val_fraction, cfg.split_seed)
     tokens = load_tokens(folder, cfg.eval_split, meta)
     spans = {n: tuple(d[cfg.eval_split]) for n, d in meta["domains"].items()}

@@ -358,7 +358,7 @@ def lorahub_main(cfg) -> int:
     import numpy as np
     import torch
 
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from
     from lmalloy.data.tokenizer import Tok
     from lmalloy.io.folder import open_model
     from lmalloy.io.models import load_causal_lm
@@ -374,8 +374,7 @@ def lorahub_main(cfg) -> int:
             raise UserError(f"{cfg.base_model} is not the adapters' base model (module `{m}`)")
     out = check_output(cfg.out, cfg.overwrite, [*cfg.adapters, cfg.base_model])
     tok = Tok.load(cfg.base_model)
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
-                         quiet=True)
+    corpus = corpus_from(cfg, quiet=True)
     ids = [i for d in corpus.documents for i in tok.encode(d.text) + [tok.eos_id]]
     n = cfg.seq_len + 1
     if len(ids) < n:

@@ -222,10 +222,10 @@ def _check(cfg) -> tuple[dict, list[int], str | None]:
 def _sequences(cfg, tok) -> dict[str, np.ndarray]:
     """Per domain, up to --eval-tokens of the chosen split as (n, seq_len) rows."""
     from lmalloy.data.cache import packed
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from
     from lmalloy.data.pack import load_tokens
 
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
+    corpus = corpus_from(cfg)
     folder, meta = packed(corpus, tok, cfg.val_fraction, cfg.seed)
     splits = ["train", "val"] if cfg.split == "all" else [cfg.split]
     seqs: dict[str, np.ndarray] = {}

@@ -193,10 +193,9 @@ def eval_main(cfg) -> int:
     _check_eval(cfg)
     corpus = None
     if cfg.perplexity:
-        from lmalloy.data.corpus import load_corpus
+        from lmalloy.data.corpus import corpus_from
 
-        corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains,
-                             cfg.max_chars_per_domain)
+        corpus = corpus_from(cfg)
     proxy = _load(cfg)
     tl = _tuned_large(cfg, proxy)
     large_alone = ProxyTuned(proxy.large, [], [])  # the same model, no pairs run

@@ -240,11 +240,11 @@ def main(cfg) -> int:
     """`lmalloy reward data`: write generated preference pairs as JSONL."""
     import sys
 
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from
     from lmalloy.io.writer import check_output_file
 
     out = check_output_file(cfg.out, cfg.overwrite)
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain)
+    corpus = corpus_from(cfg)
     pairs = generate(corpus.documents, cfg.kinds, cfg.num_pairs, cfg.label_noise,
                      cfg.prompt_lines, cfg.answer_lines, cfg.max_chars, cfg.seed, cfg.split,
                      cfg.test_fraction)

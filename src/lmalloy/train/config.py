@@ -11,7 +11,7 @@ from lmalloy.config import also, threads_field
 from lmalloy.data.config import DataFields, valid_vocab_size
 
 # keys that may change between a run and its `--resume`
-RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug"}
+RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug", "num_proc"}
 
 
 class TrainConfig(DataFields):

@@ -130,22 +130,22 @@ def _data(cfg, out: Path, tokenizer_dir: Path | None, dist, vocab_size: int | No
     """Load the corpus, train/load the tokenizer (rank 0), pack tokens (rank 0).
 
     A trained tokenizer sees the training documents only (the split is by document and
-    does not depend on the tokenizer: `lmalloy.data.pack.split_documents`)."""
-    from lmalloy.data.corpus import load_corpus
-    from lmalloy.data.pack import load_tokens, pack, read_meta, split_documents
+    does not depend on the tokenizer: `lmalloy.data.pack.train_documents`). JSONL/Parquet
+    files are streamed; their every line is checked (`scan`) before the tokenizer trains."""
+    from lmalloy.data.corpus import corpus_from, scan
+    from lmalloy.data.pack import load_tokens, pack, read_meta, train_documents
     from lmalloy.data.tokenizer import Tok, train_tokenizer
     from lmalloy.io.writer import atomic_output
     from lmalloy.train.trainer import TrainData
 
-    corpus = load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
-                         quiet=not dist.main)
+    corpus = corpus_from(cfg, quiet=not dist.main)
     tok_dir = tokenizer_dir or out / "tokenizer"
     if dist.main:
         if tokenizer_dir is None and not (tok_dir / "tokenizer.json").is_file():
-            is_val = split_documents(corpus, cfg.val_fraction, cfg.seed)
+            scan(corpus)
             with atomic_output(tok_dir, overwrite=True) as tmp:
-                train_tokenizer((d.text for d, v in zip(corpus.documents, is_val, strict=True)
-                                 if not v), vocab_size, tmp, model_max_length=cfg.seq_len)
+                train_tokenizer(train_documents(corpus, cfg.val_fraction, cfg.seed),
+                                vocab_size, tmp, model_max_length=cfg.seq_len)
         pack(corpus, Tok.load(tok_dir), out / "data", cfg.val_fraction, cfg.seed)
     dist.barrier()
     tok = Tok.load(tok_dir)
@@ -251,11 +251,10 @@ def _new_model(cfg, tok):
 
 def _run(cfg, out: Path, resume_step, dist, tok_dir: Path | None, make_model) -> None:
     """The shared tail of pretrain and finetune: corpus check, folder, data, model, train."""
-    from lmalloy.data.corpus import load_corpus
+    from lmalloy.data.corpus import corpus_from
 
     check_batch(cfg, dist.world)
-    load_corpus(cfg.data, cfg.domains, cfg.exclude_domains, cfg.max_chars_per_domain,
-                quiet=True)  # fail on a bad corpus before anything is written
+    corpus_from(cfg, quiet=True)  # fail on a bad corpus before anything is written
     run = RunFolder(out, cfg, resume_step is not None, dist)
     try:
         data, tok = _data(cfg, run.work, tok_dir, dist, getattr(cfg, "vocab_size", None))
