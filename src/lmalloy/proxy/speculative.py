@@ -220,29 +220,38 @@ class RowParams:
         return self.temperature <= 0
 
 
+def _sampled(params: RowParams) -> tuple[list[int], torch.Generator | None]:
+    """The rows that sample (not greedy), and their generator when they all share one."""
+    greedy = params.greedy().tolist()
+    todo = [b for b, g in enumerate(greedy) if not g]
+    shared = params.gens[todo[0]] if todo else None
+    if any(params.gens[b] is not shared for b in todo):
+        shared = None
+    return todo, shared
+
+
 def draw(probs: torch.Tensor, params: RowParams) -> torch.Tensor:
     """One token per row from probs (B, V): the argmax for greedy rows, else a draw with the
     row's generator."""
     out = probs.argmax(-1)
-    greedy = params.greedy()
-    todo = [b for b in range(probs.shape[0]) if not greedy[b]]
-    if not todo:
-        return out
-    g = params.gens[todo[0]]
-    if all(params.gens[b] is g for b in todo):  # one generator: one call, in row order
-        out[todo] = torch.multinomial(probs[todo], 1, generator=g)[:, 0]
-        return out
-    for b in todo:
-        out[b] = torch.multinomial(probs[b], 1, generator=params.gens[b])[0]
+    todo, shared = _sampled(params)
+    if todo and shared is not None:  # one generator: one call, rows in order
+        out[todo] = torch.multinomial(probs[todo], 1, generator=shared)[:, 0]
+    else:
+        for b in todo:
+            out[b] = torch.multinomial(probs[b], 1, generator=params.gens[b])[0]
     return out
 
 
 def uniforms(params: RowParams, k: int) -> torch.Tensor:
     """(B, K) uniforms for the acceptance tests; 0.5 for greedy rows (p/q is 0 or 1 there)."""
     u = torch.full((len(params.gens), k), 0.5)
-    for b, g in enumerate(params.gens):
-        if not params.greedy()[b]:
-            u[b] = torch.rand(k, generator=g)
+    todo, shared = _sampled(params)
+    if todo and k and shared is not None:
+        u[todo] = torch.rand(len(todo), k, generator=shared)
+    elif k:
+        for b in todo:
+            u[b] = torch.rand(k, generator=params.gens[b])
     return u
 
 
