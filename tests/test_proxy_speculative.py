@@ -11,38 +11,12 @@ import shutil
 import pytest
 import torch
 
+import test_proxy
 from common import assert_user_error, make_llama, run_cli
 
-PROMPTS = ["def add(a, b):", "class Point:\n    def __init__(self", "import json\n", "for"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir):
-    d = tmp_path_factory.mktemp("spec")
-    small = make_llama(d / "small", tokenizer_dir, seed=1)
-    return {
-        "large": make_llama(d / "large", tokenizer_dir, seed=0, hidden=64, layers=3),
-        "small": small,
-        "tuned": make_llama(d / "tuned", tokenizer_dir, seed=2, noise_from=small, noise=0.2),
-        "tuned2": make_llama(d / "tuned2", tokenizer_dir, seed=3, noise_from=small, noise=0.2),
-        "draft": make_llama(d / "draft", tokenizer_dir, seed=7, noise_from=small, noise=0.1),
-        "padded": make_llama(d / "padded", tokenizer_dir, seed=4, vocab=384),
-    }
-
-
-def _proxy(models, large="large", tuned=("tuned",), untuned=("small",), alpha=(1.0,), **kw):
-    from lmalloy.proxy.model import ProxyTuned
-
-    return ProxyTuned.from_pretrained(str(models[large]), [str(models[t]) for t in tuned],
-                                      [str(models[u]) for u in untuned], list(alpha), **kw)
+# the tiny models and helpers of the plain decoder's tests (module fixtures, run afresh here)
+PROMPTS, _proxy = test_proxy.PROMPTS, test_proxy._proxy
+models, _one_thread = test_proxy.models, test_proxy._one_thread
 
 
 # ---------------------------------------------------------------- greedy: identical tokens
@@ -93,10 +67,11 @@ TINY = ["<eos>", "<pad>", "a", "b", "c", "d", "e", "f"]
 
 
 def _tiny_tokenizer(path):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(TINY)}, unk_token="<pad>"))
+    tk = Tokenizer(WordLevel({t: i for i, t in enumerate(TINY)}, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>",
