@@ -420,6 +420,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(cfg) -> int:
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"`lmalloy serve` needs {' and '.join(missing)}: pip install "
+                        "'lmalloy[serve]'")
     sock = bind(cfg.host, cfg.port)  # before any weight is loaded
     try:
         return _serve(cfg, sock)
