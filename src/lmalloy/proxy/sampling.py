@@ -116,10 +116,16 @@ def probabilities(z: torch.Tensor, seen: torch.Tensor, temperature: torch.Tensor
     Temperature 0 gives the one-hot distribution of the (penalised) argmax; top_k 0 and
     top_p 1 are off. Returns (..., V) probabilities.
     """
-    pen = penalty[..., None]
-    z = torch.where(seen, torch.where(z > 0, z / pen, z * pen), z)
+    if bool((penalty != 1).any()):
+        pen = penalty[..., None]
+        z = torch.where(seen, torch.where(z > 0, z / pen, z * pen), z)
     greedy = temperature <= 0  # (...)
+    hot = torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+    if bool(greedy.all()):
+        return hot
     t = torch.where(greedy, torch.ones_like(temperature), temperature)[..., None]
-    probs = top_p_filter(top_k_filter(z / t, top_k), top_p).softmax(-1)
-    hot = torch.zeros_like(probs).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+    # the filters only where some row uses them (a filter that is off changes nothing)
+    k = top_k if bool((top_k > 0).any()) else None
+    p = top_p if bool((top_p < 1).any()) else None
+    probs = top_p_filter(top_k_filter(z / t, k), p).softmax(-1)
     return torch.where(greedy[..., None], hot, probs)

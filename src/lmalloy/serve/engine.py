@@ -46,6 +46,7 @@ class Job:
     stop: Sequence[str] = ()
     logprobs: int | None = None  # top-n logprobs of each generated token
     score_prompt: bool = False  # echo: the prompt's own logprobs first
+    stream: bool = False  # send ("text", ...) events as the text grows
     cancelled: bool = False
     gen: torch.Generator = field(init=False)
 
@@ -178,7 +179,7 @@ class Engine:
         self.pending = torch.cat([self.pending, pend], 1)
         for j in jobs:
             rows = _Rows(self.proxy, [j.large_ids], j.stop, True,
-                         lambda _i, t, j=j: j.sink(("text", t)))
+                         (lambda _i, t, j=j: j.sink(("text", t))) if j.stream else None)
             self.slots.append(_Slot(j, rows))
 
     def _score(self, job: Job) -> None:
@@ -198,13 +199,12 @@ class Engine:
 
     def _drop(self) -> None:
         """Remove finished and cancelled rows from the lanes."""
-        keep = []
+        keep, done = [], []
         for b, s in enumerate(self.slots):
             if s.job.cancelled:
                 self.counts["cancelled"] += 1
             elif s.rows.done[0]:
-                s.job.sink(("done", s.rows.finish([""])[0]))
-                self.counts["completed"] += 1
+                done.append(s)
             else:
                 keep.append(b)
         if len(keep) == len(self.slots):
@@ -213,7 +213,11 @@ class Engine:
         for lane in self.lanes:
             lane.select(idx)
         self.pending = self.pending[:, idx]
-        self.slots = [self.slots[b] for b in keep]
+        with self.cv:
+            self.slots = [self.slots[b] for b in keep]
+            self.counts["completed"] += len(done)
+        for s in done:  # after the slot is free: a client that has its answer sees it so
+            s.job.sink(("done", s.rows.finish([""])[0]))
 
     def _params(self):
         from lmalloy.proxy.speculative import RowParams
@@ -224,7 +228,7 @@ class Engine:
                          torch.tensor([j.top_k for j in js], dtype=torch.long),
                          torch.tensor([j.top_p for j in js], dtype=torch.float32),
                          torch.tensor([j.penalty for j in js], dtype=torch.float32),
-                         torch.tensor([list(j.alphas) for j in js],
+                         torch.tensor([list(j.alphas or self.proxy.alphas) for j in js],
                                       dtype=torch.float32).reshape(len(js), P),
                          [j.gen for j in js])
 
