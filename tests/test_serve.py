@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 KEY = "sk-test-key"
+PROMPTS = ["def add(a, b):", "class Point:", "import json\n", "for"]
 CHAT = ("{% for m in messages %}<|endoftext|>[{{ m.role }}] {{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}\n[assistant] {% endif %}")
 
@@ -284,6 +285,26 @@ def test_queue_bound_disconnect_and_sigterm_drain(models):
     assert "draining" in err and "Traceback" not in err
     with pytest.raises(httpx.ConnectError):
         httpx.get(health, timeout=5)
+
+
+@torch.no_grad()
+def test_single_model_with_a_named_draft(models):
+    """Serving one model (no pairs, e.g. a merged one), sped up by a separate draft model."""
+    from lmalloy.proxy.model import ProxyTuned
+
+    large = ProxyTuned.from_pretrained(str(models["large"]), [], [], [])
+    want = large.generate(PROMPTS, max_new_tokens=20)
+    p, url = start_server("--large", models["large"], "--draft", models["tuned"],
+                          "--speculative", "3", "--api-key", KEY)
+    try:
+        c = client(url)
+        r = c.completions.create(model="large", prompt=PROMPTS, max_tokens=20, temperature=0)
+        assert [ch.text for ch in r.choices] == [g.text for g in want]
+        e = httpx.post(f"{url}/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "large", "prompt": "x", "alpha": 2.0}).json()["error"]
+        assert e["param"] == "alpha" and "one model" in e["message"]
+    finally:
+        stop_server(p)
 
 
 def test_port_in_use_is_one_line(models, capsys):
