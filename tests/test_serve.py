@@ -243,43 +243,58 @@ def _stream(h, url: str, n: int):
         "model": "large", "prompt": "def", "max_tokens": n, "temperature": 0, "stream": True})
 
 
-def _finish(lines) -> tuple[str, str | None]:
-    text, finish = "", None
+def _finish(lines) -> tuple[str, str | None, bool]:
+    text, finish, done = "", None, False
     for line in lines:
         if line.startswith("data: {"):
             ch = json.loads(line[6:])["choices"][0]
             text += ch["text"]
             finish = ch["finish_reason"] or finish
-    return text, finish
+        done = done or line == "data: [DONE]"
+    return text, finish, done
+
+
+def _until(h, health: str, **want) -> dict:
+    """Poll /health until it shows `want` (bounded: 10 s)."""
+    for _ in range(1000):
+        st = h.get(health).json()
+        if all(st[k] == v for k, v in want.items()):
+            return st
+        time.sleep(0.01)
+    raise AssertionError(f"/health never showed {want}: {st}")
 
 
 def test_queue_bound_disconnect_and_sigterm_drain(models):
     p, url = start_server(*ensemble(models), "--max-batch", "1", "--max-queue", "1")
     health = url.replace("/v1", "/health")
+    err = ""
     try:
         with httpx.Client(timeout=60) as ha, httpx.Client(timeout=60) as hb, \
                 httpx.Client(timeout=60) as hc:
-            with _stream(ha, url, 240) as a:
+            with _stream(ha, url, 200) as a:
                 assert a.status_code == 200
-                next(a.iter_lines())  # A is running
-                with _stream(hb, url, 5) as b:  # B waits for A's slot
+                _until(hc, health, running=1)  # A decodes (200 tokens: ~0.5 s or more)
+                with _stream(hb, url, 5) as b:
                     assert b.status_code == 200
+                    _until(hc, health, running=1, waiting=1)  # B waits for A's slot
                     r = hc.post(f"{url}/completions", json={"model": "large", "prompt": "x"})
                     assert r.status_code == 429
                     assert r.json()["error"]["code"] == "rate_limit_exceeded"
                     a.close()  # the client goes away: its slot goes to B
-                    text, finish = _finish(b.iter_lines())
-                    assert finish == "length"
-            st = hc.get(health).json()
-            assert st["cancelled"] == 1 and st["rejected"] == 1 and st["running"] == 0
+                    text, finish, done = _finish(b.iter_lines())
+                    assert finish == "length" and done
+            st = _until(hc, health, running=0)
+            assert st["cancelled"] == 1 and st["rejected"] == 1 and st["completed"] == 1
             with _stream(ha, url, 200) as d:
                 lines = d.iter_lines()
-                next(lines)
+                _until(hc, health, running=1)
                 p.send_signal(signal.SIGTERM)  # in flight: it finishes, then the server stops
-                text, finish = _finish(lines)
-            assert finish == "length" and text
-    finally:
+                text, finish, done = _finish(lines)
+            assert finish is not None and done and text
         assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
         err = p.stderr.read()
         p.stderr.close()
     assert "draining" in err and "Traceback" not in err

@@ -146,7 +146,13 @@ class _Run:
         self.jobs: list = []
 
     def sink_for(self, i: int):
-        return lambda ev: self.loop.call_soon_threadsafe(self.q.put_nowait, (i, ev))
+        def sink(ev: tuple) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.q.put_nowait, (i, ev))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+        return sink
 
     def submit(self) -> None:
         from lmalloy.serve.engine import QueueFull
