@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmalloy"
 # the pipeline, bottom to top; a package may import only from packages of a lower rank
 # (the four consumers of checkpoints share a rank and do not import each other)
 RANK = {"io": 0, "data": 1, "average": 2, "train": 3, "merge": 4, "moe": 4, "proxy": 4,
-        "reward": 4, "eval": 5, "demo": 6}
+        "reward": 4, "eval": 5, "serve": 5, "demo": 6}
 SHORT_PACKAGES = ("merge", "train", "proxy", "moe")
 MAX_FUNCTION_LINES = 80
 

@@ -685,6 +685,26 @@ ROWS: list[Row] = [
                                                   "--tuned", z.llama2, "--untuned", z.llama,
                                                   "--data", z.data, "--domains", "gamma"],
         "gamma"),
+    Row("proxy-speculative-zero", lambda z, o: ["proxy", "generate", "--large", z.llama,
+                                                "--tuned", z.llama2, "--untuned", z.llama,
+                                                "--prompt", "a", "--speculative", "0"],
+        "greater than 0"),
+    Row("proxy-speculative-beyond", lambda z, o: ["proxy", "generate", "--large", z.llama,
+                                                  "--tuned", z.llama2, "--untuned", z.llama,
+                                                  "--prompt", "a", "--speculative", "100000"],
+        "context window"),
+    # ------------------------------------------------------------------ serve
+    Row("serve-large-missing", lambda z, o: ["serve", "--large", z.root / "no", "--port", "0"],
+        "not found"),
+    Row("serve-port-range", lambda z, o: ["serve", "--large", z.llama, "--port", "70000"],
+        "`--port`"),
+    Row("serve-pairs", lambda z, o: ["serve", "--large", z.llama, "--tuned", z.llama2,
+                                     "--port", "0"], "1 --tuned model(s) but 0 --untuned"),
+    Row("serve-no-draft", lambda z, o: ["serve", "--large", z.llama, "--port", "0",
+                                        "--speculative", "2"], "needs a draft model"),
+    Row("serve-draft-tokenizer", lambda z, o: ["serve", "--large", z.llama, "--port", "0",
+                                               "--draft", z.other_tok, "--speculative", "2"],
+        "tokenizers of"),
     # ------------------------------------------------------------------ reward data
     Row("rdata-out-exists", lambda z, o: ["reward", "data", "--data", z.data, "--out",
                                           o.with_suffix(".jsonl")], "exists", exists=True),
@@ -826,7 +846,7 @@ def test_the_suite_covers_every_command():
               "merge extract-lora": "extract", "moe build": "moe", "moe analyze": "analyze",
               "proxy generate": "proxy", "proxy eval": "proxyeval", "reward data": "rdata",
               "reward train": "rtrain", "reward warm": "warm", "reward eval": "reval",
-              "demo": "demo"}
+              "demo": "demo", "serve": "serve"}
     assert set(COMMANDS) <= set(prefix), set(COMMANDS) - set(prefix)
     missing = [c for c, p in prefix.items() if p not in covered]
     assert not missing, missing

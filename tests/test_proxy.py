@@ -35,6 +35,8 @@ def models(tmp_path_factory, tokenizer_dir):
         "tuned2": make_llama(d / "tuned2", tokenizer_dir, seed=3, noise_from=small, noise=0.2),
         # same tokenizer, head padded to 384 rows
         "padded": make_llama(d / "padded", tokenizer_dir, seed=4, vocab=384),
+        # a speculative-decoding draft that is none of the ensemble's models
+        "draft": make_llama(d / "draft", tokenizer_dir, seed=7, noise_from=small, noise=0.1),
     }
 
 

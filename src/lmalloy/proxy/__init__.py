@@ -2,8 +2,10 @@
 tuned/untuned pair, z = z_large + Σ α·(z_tuned − z_untuned).
 
 `ProxyTuned` (lmalloy.proxy.model) generates and scores; the pure logit arithmetic and the
-sampling processors are in lmalloy.proxy.sampling; `lmalloy proxy generate|eval` in
-lmalloy.proxy.run. Importing this package is light: torch loads on first use.
+sampling processors are in lmalloy.proxy.sampling; exact speculative decoding (the tuned
+model drafts, caches roll back per row) in lmalloy.proxy.speculative; `lmalloy proxy
+generate|eval` in lmalloy.proxy.run. Importing this package is light: torch loads on first
+use.
 """
 
 from __future__ import annotations

@@ -63,13 +63,31 @@ class ProxyModels(Config):
 
     def formats(self) -> dict[str, str]:
         return {"large": self.large_format, "tuned": self.tuned_format,
-                "untuned": self.untuned_format}
+                "untuned": self.untuned_format,
+                "draft": getattr(self, "draft_format", "raw")}
 
     def alphas(self) -> list[float]:
         return self.alpha * len(self.tuned) if len(self.alpha) == 1 else list(self.alpha)
 
 
-class ProxyGenerateConfig(ProxyModels):
+class SpeculativeFields(Config):
+    """Speculative decoding (lmalloy.proxy.speculative), for `proxy generate` and `serve`."""
+
+    speculative: int | None = Field(None, gt=0, description="draft K tokens per round with "
+                                    "the draft model, verified exactly (off by default)")
+    adaptive_k: bool = Field(False, description="with --speculative K: choose each round's K "
+                             "in [1, K] from the measured acceptance rate and costs")
+    draft: str | None = Field(None, description="draft model folder for --speculative "
+                              "(default: the first --tuned model); same tokenizer")
+    draft_format: str = Field("raw", description="prompt format of the --draft model")
+
+    @field_validator("draft_format")
+    @classmethod
+    def _dfmt(cls, v: str) -> str:
+        return _check_format(v)
+
+
+class ProxyGenerateConfig(ProxyModels, SpeculativeFields):
     prompt: str | None = Field(None, description="one prompt")
     prompts: str | None = Field(None, description="JSONL file: one {\"prompt\": ...} object "
                                 "(or JSON string) per line")

@@ -144,6 +144,20 @@ def check_prompt_lengths(members, prompts: Sequence[str]) -> dict[int, list[list
     return out
 
 
+def check_speculative(k: int, members, has_draft: bool = True) -> None:
+    """`--speculative K`: at least 1, and K drafts plus a one-token prompt must fit every
+    model's context window."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"`--speculative` must be a whole number of draft tokens >= 1, got {k}")
+    if not has_draft:
+        raise UserError("`--speculative` needs a draft model: a --tuned/--untuned pair "
+                        "(the first tuned model drafts) or --draft")
+    ctx = min((m.ctx_len for m in members if m.ctx_len is not None), default=None)
+    if ctx is not None and k > ctx - 2:
+        raise UserError(f"`--speculative` {k} drafts do not fit the context window of {ctx} "
+                        f"tokens (at most {ctx - 2})")
+
+
 # ---------------------------------------------------------------- records
 
 @dataclass
@@ -178,7 +192,7 @@ class ProxyTuned:
     """
 
     def __init__(self, large: Member, pairs: Sequence[tuple[Member, Member]],
-                 alphas: Sequence[float]):
+                 alphas: Sequence[float], draft: Member | None = None):
         if len(pairs) != len(alphas):
             raise UserError(f"{len(pairs)} tuned/untuned pair(s) but {len(alphas)} alpha(s)")
         check_alphas(alphas)
@@ -186,9 +200,11 @@ class ProxyTuned:
         self.pairs = [tuple(p) for p in pairs]
         self.alphas = [float(a) for a in alphas]
         self.members = [large] + [m for p in self.pairs for m in p]
+        self.draft = draft  # speculative decoding's draft when not the first tuned model
+        self.last_speculative: dict = {}
         self.tokenizer = large.tokenizer
         vocab0 = self.tokenizer.get_vocab()
-        for m in self.members[1:]:
+        for m in self.members[1:] + ([draft] if draft is not None else []):
             if m.tokenizer is self.tokenizer:
                 continue
             diff = first_vocab_difference(vocab0, m.tokenizer.get_vocab())
@@ -196,8 +212,9 @@ class ProxyTuned:
                 raise UserError(f"tokenizers of {large.name} and {m.name} differ: first "
                                 f"differing token at {diff}")
         n_tok = len(vocab0)
-        heads = [m.model.get_output_embeddings().weight.shape[0] for m in self.members]
-        for m, h in zip(self.members, heads, strict=True):
+        everyone = self.members + ([draft] if draft is not None else [])
+        heads = [m.model.get_output_embeddings().weight.shape[0] for m in everyone]
+        for m, h in zip(everyone, heads, strict=True):
             if h < n_tok:
                 raise UserError(f"{m.name}: output layer has {h} rows, fewer than the "
                                 f"tokenizer's {n_tok} tokens")
@@ -215,11 +232,13 @@ class ProxyTuned:
                         *, formats: dict[str, str | None] | None = None,
                         tokenizer: str | None = None, dtype: str = "float32",
                         device: str = "cpu", allow_pickle: bool = False,
-                        prompts: Sequence[str] = ()) -> ProxyTuned:
-        """Load the models. `formats` maps a role ("large", "tuned", "untuned") to a prompt
-        format ("raw", "chat" or a `{prompt}` template). Everything is validated (folders,
-        α, tokenizers, and that each of `prompts` fits every model's context) before the
-        first weight is read."""
+                        prompts: Sequence[str] = (), draft: str | None = None,
+                        speculative: int | None = None) -> ProxyTuned:
+        """Load the models. `formats` maps a role ("large", "tuned", "untuned", "draft") to a
+        prompt format ("raw", "chat" or a `{prompt}` template); `draft` is a folder for
+        speculative decoding's draft model (default: the first tuned model). Everything is
+        validated (folders, α, tokenizers, that each of `prompts` fits every model's context,
+        and that `speculative` drafts fit it) before the first weight is read."""
         tuned = [tuned] if isinstance(tuned, str) else list(tuned)
         untuned = [untuned] if isinstance(untuned, str) else list(untuned)
         alphas = [alpha] * len(tuned) if isinstance(alpha, int | float) else list(alpha)
@@ -236,11 +255,14 @@ class ProxyTuned:
         formats = formats or {}
         paths = [("large", large)] + [r for t, u in zip(tuned, untuned, strict=True)
                                       for r in (("tuned", t), ("untuned", u))]
+        paths += [("draft", draft)] if draft else []
         confs = {p: check_folder(p, allow_pickle) for _, p in paths}
         toks = _tokenizers(paths, tokenizer)
         members = [Member(p, role, None, toks[p], formats.get(role), context_length(confs[p]))
                    for role, p in paths]
         check_prompt_lengths(members, prompts)
+        if speculative is not None:
+            check_speculative(speculative, members, has_draft=bool(draft or tuned))
         from lmalloy.io.models import load_causal_lm
 
         loaded: dict[str, Any] = {}
@@ -249,7 +271,16 @@ class ProxyTuned:
                 loaded[m.name] = load_causal_lm(m.name, allow_pickle, dtype).to(device)
             m.model = loaded[m.name]
         pairs = [(members[1 + 2 * i], members[2 + 2 * i]) for i in range(len(tuned))]
-        return cls(members[0], pairs, alphas)
+        return cls(members[0], pairs, alphas, members[-1] if draft else None)
+
+    def draft_member(self) -> Member:
+        """Speculative decoding's draft: the named draft model, else the first tuned one."""
+        if self.draft is not None:
+            return self.draft
+        if not self.pairs:
+            raise UserError("`--speculative` needs a draft model: a --tuned/--untuned pair "
+                            "(the first tuned model drafts) or --draft")
+        return self.pairs[0][0]
 
     # ------------------------------------------------------------ tokenisation
 
@@ -399,19 +430,32 @@ class ProxyTuned:
                  stop: Sequence[str] = (), seed: int = 0, stop_at_eos: bool = True,
                  on_text: Callable[[int, str], None] | None = None, use_cache: bool = True,
                  parallel: bool = False, return_scores: bool = False,
-                 alphas: Sequence[float] | None = None) -> list[Generation]:
+                 alphas: Sequence[float] | None = None, speculative: int | None = None,
+                 adaptive_k: bool = False, trace: list | None = None) -> list[Generation]:
         """Generate for a batch of prompts (left-padded together).
 
         `on_text(row, text)` receives each row's text as it is produced (text that could be
         the start of a stop string is held back until it is not). `use_cache=False` re-runs
         every model on the whole sequence at each step (the naive loop, for comparison).
         `parallel=True` runs the tuned/untuned models in a second thread beside the large
-        one. `return_scores` keeps each step's combined logits (before the processors)."""
+        one. `return_scores` keeps each step's combined logits (before the processors).
+        `speculative=K` drafts K tokens per round with the draft model and keeps exactly the
+        same distribution (lmalloy.proxy.speculative); `adaptive_k` picks each round's K in
+        [1, K] from the measured acceptance rate and costs."""
         if top_p is not None and not 0 < top_p <= 1:
             raise UserError(f"`--top-p` must be in (0, 1], got {top_p}")
         alphas = self.alphas if alphas is None else list(alphas)
         check_alphas(alphas)
         prompts = list(prompts)
+        if speculative is not None:
+            from lmalloy.proxy.speculative import decode
+
+            check_speculative(speculative, self.members + [self.draft_member()])
+            return decode(self, prompts, k=speculative, adaptive=adaptive_k,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, stop=stop,
+                          seed=seed, stop_at_eos=stop_at_eos, on_text=on_text,
+                          return_scores=return_scores, alphas=alphas, trace=trace)
         enc = self.check_lengths(prompts)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         states, slot = self._states(enc, use_cache)
@@ -469,14 +513,17 @@ class _Rows:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.need_text = bool(stop) or on_text is not None  # else decode once at the end
 
-    def keep_scores(self, z: torch.Tensor) -> None:
+    def keep_scores(self, z: torch.Tensor, which: Sequence[bool] | None = None) -> None:
         for i in range(len(self.done)):
-            if not self.done[i]:
+            if not self.done[i] and (which is None or which[i]):
                 self.scores[i].append(z[i].clone())
 
-    def accept(self, toks: list[int]) -> list[int]:
-        """Take one sampled token per row; returns the tokens to feed (pad for done rows)."""
+    def accept(self, toks: list[int | None]) -> list[int | None]:
+        """Take one sampled token per row (None: nothing for that row this time); returns the
+        tokens to feed (pad for done rows)."""
         for i, t in enumerate(toks):
+            if t is None:
+                continue
             if self.done[i]:
                 toks[i] = self.pad_id
                 continue

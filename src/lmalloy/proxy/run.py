@@ -55,7 +55,9 @@ def _load(cfg, prompts=()):
     return ProxyTuned.from_pretrained(cfg.large, cfg.tuned, cfg.untuned, cfg.alphas(),
                                       formats=cfg.formats(), tokenizer=cfg.tokenizer,
                                       dtype=cfg.dtype, device=cfg.device,
-                                      allow_pickle=cfg.allow_pickle, prompts=prompts)
+                                      allow_pickle=cfg.allow_pickle, prompts=prompts,
+                                      draft=getattr(cfg, "draft", None),
+                                      speculative=getattr(cfg, "speculative", None))
 
 
 def generate_main(cfg) -> int:
@@ -72,6 +74,7 @@ def generate_main(cfg) -> int:
             batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
             stop=cfg.stop, seed=cfg.seed + s, stop_at_eos=cfg.stop_at_eos,
+            speculative=cfg.speculative, adaptive_k=cfg.adaptive_k,
             on_text=(lambda _i, t: (sys.stdout.write(t), sys.stdout.flush())) if stream
             else None)
         for g in gens:
@@ -86,6 +89,10 @@ def generate_main(cfg) -> int:
                 print(g.text, flush=True)
     if stream:
         print()
+    if cfg.speculative and proxy.last_speculative:
+        st = proxy.last_speculative
+        print(f"speculative: {st['accepted']}/{st['drafted']} drafts kept "
+              f"({st['acceptance_rate']:.2f}) in {st['rounds']} rounds", file=sys.stderr)
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                        for r in results), overwrite=cfg.overwrite)
