@@ -220,6 +220,13 @@ def yaml_file(z: Zoo, name: str, text: str) -> Path:
     return z.file(name, text)
 
 
+def one_slice(z: Zoo, name: str, model, first: int, end: int, method: str = "passthrough",
+              key: str = "layer_range") -> Path:
+    """A merge YAML of one slice of one source."""
+    return z.file(name, f"slices:\n  - sources: [{{model: {model}, {key}: [{first}, {end}]}}]"
+                  f"\nmerge_method: {method}\n")
+
+
 M = "merge"
 ROWS: list[Row] = [
     # ------------------------------------------------------------------ the CLI itself
@@ -407,9 +414,42 @@ ROWS: list[Row] = [
     Row("merge-yaml-named-template", lambda z, o: [M, yaml_file(z, "ct.yaml", (
         f"models: [{z.llama}, {z.llama2}]\nchat_template: chatml\n")), "--out", o],
         "Jinja"),
-    Row("merge-yaml-slices", lambda z, o: [M, yaml_file(z, "sl.yaml", (
-        "slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\nmerge_method: passthrough\n")),
-        "--out", o], "slices"),
+    Row("merge-slice-out-of-bounds", lambda z, o: [M, one_slice(z, "sl.yaml", z.llama, 0, 5),
+                                                   "--out", o], "beyond its 2 layers"),
+    Row("merge-slice-reversed", lambda z, o: [M, one_slice(z, "sr.yaml", z.llama, 2, 1),
+                                              "--out", o], "empty or reversed"),
+    Row("merge-slice-unknown-key", lambda z, o: [M, one_slice(z, "sk.yaml", z.llama, 0, 1,
+                                                              key="layer_rage"),
+                                                 "--out", o], "did you mean `layer_range`"),
+    Row("merge-slice-unknown-method", lambda z, o: [M, one_slice(z, "sm.yaml", z.llama, 0, 1,
+                                                                 "passtrough"),
+                                                    "--out", o], "did you mean `passthrough`"),
+    Row("merge-slice-hidden-sizes", lambda z, o: [M, yaml_file(z, "sh.yaml", (
+        f"slices:\n  - sources: [{{model: {z.llama}, layer_range: [0, 1]}}]\n"
+        f"  - sources: [{{model: {z.h64}, layer_range: [1, 2]}}]\n"
+        "merge_method: passthrough\n")), "--out", o], "hidden_size"),
+    Row("merge-slice-lengths", lambda z, o: [M, yaml_file(z, "sn.yaml", (
+        f"slices:\n  - sources: [{{model: {z.llama}, layer_range: [0, 1]}}, "
+        f"{{model: {z.deep}, layer_range: [0, 3]}}]\nmerge_method: linear\n")),
+        "--out", o], "same number of layers"),
+    Row("merge-slice-base-not-source", lambda z, o: [M, yaml_file(z, "sb.yaml", (
+        f"slices:\n  - sources: [{{model: {z.llama2}, layer_range: [0, 2]}}]\n"
+        f"merge_method: task_arithmetic\nbase_model: {z.llama}\n")), "--out", o],
+        "not among its sources"),
+    Row("merge-slice-passthrough-two", lambda z, o: [M, yaml_file(z, "s2.yaml", (
+        f"slices:\n  - sources: [{{model: {z.llama}, layer_range: [0, 2]}}, "
+        f"{{model: {z.llama2}, layer_range: [0, 2]}}]\nmerge_method: passthrough\n")),
+        "--out", o], "slice 0: `passthrough` takes exactly 1"),
+    Row("merge-slice-unknown-param", lambda z, o: [M, yaml_file(z, "sp.yaml", (
+        f"slices:\n  - sources: [{{model: {z.llama}, layer_range: [0, 2]}}]\n"
+        "    parameters: {scal: 0.5}\nmerge_method: passthrough\n")), "--out", o],
+        "no parameter `scal` of slice 0"),
+    Row("merge-slice-and-models", lambda z, o: [M, yaml_file(z, "sa.yaml", (
+        f"models: [{z.llama}]\nslices:\n  - sources: [{{model: {z.llama}, layer_range: "
+        "[0, 2]}]\nmerge_method: passthrough\n")), "--out", o], "not both"),
+    Row("merge-yaml-modules", lambda z, o: [M, yaml_file(z, "mo.yaml", (
+        "modules: {text_decoder: {}}\nmerge_method: passthrough\n")), "--out", o],
+        "modules"),
     Row("merge-yaml-unknown-key", lambda z, o: [M, yaml_file(z, "uk.yaml", (
         f"models: [{z.llama}, {z.llama2}]\nbase_modle: {z.llama}\n")), "--out", o],
         "did you mean `base_model`"),

@@ -37,6 +37,18 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+def run_mergekit(folder: Path, cfgs: dict[str, str]) -> None:
+    """Each config as `folder/NAME.yaml`, merged by mergekit into `folder/mk_NAME` (one
+    subprocess for all)."""
+    jobs = []
+    for name, text in cfgs.items():
+        (folder / f"{name}.yaml").write_text(text)
+        jobs.append((str(folder / f"{name}.yaml"), str(folder / f"mk_{name}")))
+    r = subprocess.run([str(MK_PY), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
+                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def configs(base: Path, f: list[Path]) -> dict[str, str]:
     m = [str(x) for x in f]
     return {
@@ -279,14 +291,8 @@ def test_same_tensors_as_mergekit(tmp_path, tokenizer_dir, capsys):
     base = make_llama(tmp_path / "base", tokenizer_dir, seed=0, hidden=64, intermediate=128)
     fts = [make_llama(tmp_path / f"ft{i}", tokenizer_dir, seed=i + 1, hidden=64,
                       intermediate=128, noise_from=base, noise=0.02) for i in range(3)]
-    jobs = []
     cfgs = configs(base, fts)
-    for name, text in cfgs.items():
-        (tmp_path / f"{name}.yaml").write_text(text)
-        jobs.append((str(tmp_path / f"{name}.yaml"), str(tmp_path / f"mk_{name}")))
-    r = subprocess.run([str(MK_PY), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
-                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit(tmp_path, cfgs)
     B = load_file(base / "model.safetensors")
     report, bad = {}, []
     for name in cfgs:
@@ -359,13 +365,7 @@ tokenizer: {{source: union, pad_to_multiple_of: 8}}
 dtype: float32
 """,
     }
-    jobs = []
-    for name, text in cfgs.items():
-        (tmp_path / f"{name}.yaml").write_text(text)
-        jobs.append((str(tmp_path / f"{name}.yaml"), str(tmp_path / f"mk_{name}")))
-    r = subprocess.run([str(MK_PY), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
-                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit(tmp_path, cfgs)
     for name in cfgs:
         rc, _, err = run_cli(capsys, "merge", tmp_path / f"{name}.yaml", "--out",
                              tmp_path / f"lm_{name}", "--no-progress")

@@ -150,6 +150,9 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel] | None = 
         if e["type"] == "missing":
             return f"missing argument {name}: {field.description}"
         return f"argument {name}: {msg}{got_s}"
+    if any(isinstance(p, int) for p in loc):  # inside a YAML list: the YAML path
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]
+        return f"`{path}`: {msg}{got_s}"
     return f"`{flag_name(loc)}`: {msg}{got_s}"
 
 
@@ -185,6 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix:
             add_arguments(parser, ann, path)
             continue
         extra = _extra(field)
+        if extra.get("yaml_only"):
+            continue
         if extra.get("positional") and not prefix:
             nargs = "*" if _is_list(ann) else "?"
             parser.add_argument(dest, metavar=name.upper(), nargs=nargs, help=help_,

@@ -16,7 +16,7 @@ import contextlib
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +163,16 @@ class ModelFolder:
         """One tensor, memory-mapped (a view of the page cache until it is modified)."""
         if name not in self.tensors:
             raise UserError(f"{self.path}: no tensor named `{name}`")
+        info = self.tensors[name]  # info.name: the stored name (a `renamed` view differs)
         if self.pickle_state is not None:
-            t = self.pickle_state[name]
+            t = self.pickle_state[info.name]
         else:
             from safetensors import safe_open
 
-            file = self.tensors[name].file
-            h = self._handles.get(file)
+            h = self._handles.get(info.file)
             if h is None:
-                h = self._handles[file] = safe_open(str(file), framework="pt")
-            t = h.get_tensor(name)
+                h = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            t = h.get_tensor(info.name)
         return t if dtype is None else t.to(dtype)
 
     def read_range(self, name: str, start: int, stop: int, out=None):
@@ -188,7 +188,7 @@ class ModelFolder:
         info = self.tensors[name]
         n = stop - start
         if self.pickle_state is not None:
-            src = self.pickle_state[name].reshape(-1)[start:stop]
+            src = self.pickle_state[info.name].reshape(-1)[start:stop]
             if out is None:
                 return src.clone()
             out[:n].copy_(src)
@@ -219,9 +219,9 @@ class ModelFolder:
         inputs does not grow it. Pickle folders give a slice of the loaded tensor."""
         import torch
 
-        if self.pickle_state is not None:
-            return self.pickle_state[name].reshape(-1)[start:stop]
         info = self.tensors[name]
+        if self.pickle_state is not None:
+            return self.pickle_state[info.name].reshape(-1)[start:stop]
         size = SIZES[info.dtype]
         t = torch.frombuffer(self._map(info.file), dtype=torch.uint8,
                              count=(stop - start) * size, offset=info.offsets[0] + start * size)
@@ -241,6 +241,13 @@ class ModelFolder:
         if b > a:
             self._map(info.file).madvise(mmap.MADV_WILLNEED if need else mmap.MADV_DONTNEED,
                                          a, b - a)
+
+    def renamed(self, names: dict[str, str], config: dict | None = None) -> ModelFolder:
+        """A view of this folder whose tensors are `names` ({new name: stored name}), in
+        that order: it reads the same files (sharing their handles), e.g. layer 20 of the
+        folder as layer 3 of a stacked model."""
+        return replace(self, tensors={new: self.tensors[old] for new, old in names.items()},
+                       config=self.config if config is None else config)
 
     def close(self) -> None:
         self._handles.clear()

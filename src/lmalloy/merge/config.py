@@ -41,15 +41,54 @@ METHOD_NAMES = ("linear", "soup", "greedy_soup", "task_arithmetic", "ties", "dar
 LORA_METHODS = ("cat", "svd", "bake")
 
 
-class ModelEntry(Config):
+class _Parameters(Config):
+    """A YAML entry with `parameters`; `parameters:` left empty (mergekit YAML) is none."""
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _none(cls, v):
+        return {} if v is None else v
+
+
+class ModelEntry(_Parameters):
     model: str = Field(..., description="HF model folder")
     parameters: dict[str, Any] = Field({}, description="per-model parameters (weight, density, "
                                        "...); values may be gradients or filtered lists")
 
-    @field_validator("parameters", mode="before")
+
+class SliceSource(_Parameters):
+    model: str = Field(..., description="HF model folder")
+    layer_range: tuple[int, int] = Field(..., description="[first, end) of its decoder "
+                                         "layers, end exclusive (mergekit's convention)")
+    parameters: dict[str, Any] = Field({}, description="parameters of this source in this "
+                                       "slice (they take precedence)")
+
+    @field_validator("layer_range")
     @classmethod
-    def _none(cls, v):
-        return {} if v is None else v  # mergekit YAML: `parameters:` left empty
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"`layer_range` [{v[0]}, {v[1]}] is empty or reversed: give "
+                             "[first, end) with 0 <= first < end")
+        return v
+
+
+class Slice(_Parameters):
+    sources: list[SliceSource] = Field(..., min_length=1, description="the models whose "
+                                       "layers this output slice merges")
+    base_model: str | None = Field(None, description="this slice's base (default: the "
+                                   "merge's); it must be one of the sources")
+    parameters: dict[str, Any] = Field({}, description="parameters of this slice (between "
+                                       "the sources' and the global ones)")
+
+    @field_validator("sources")
+    @classmethod
+    def _lengths(cls, v: list[SliceSource]) -> list[SliceSource]:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in v}
+        if len(lengths) > 1:
+            raise ValueError("the sources of a slice must span the same number of layers, "
+                             "got " + ", ".join(f"{s.model} [{s.layer_range[0]}, "
+                                                f"{s.layer_range[1]}]" for s in v))
+        return v
 
 
 def _check_plain(where: str, name: str, value: Any) -> None:
@@ -81,8 +120,12 @@ class MergeConfig(DataFields):
     method: str = Field("linear", description="merge method: " + ", ".join(METHOD_NAMES)
                         + "; for PEFT adapter folders: cat, svd, linear, bake (into "
                         "--base-model)")
-    models: list[ModelEntry] = Field(..., min_length=1, description="models to merge (folders; "
+    models: list[ModelEntry] = Field([], description="models to merge (folders; "
                                      "YAML entries may carry `parameters`)")
+    slices: list[Slice] | None = Field(
+        None, min_length=1, description="YAML only: output layers stacked from slices of "
+        "the models' layers (mergekit's `slices:`; instead of `models`)",
+        json_schema_extra={"yaml_only": True})
     base_model: str | None = Field(None, description="shared base (task-vector methods, "
                                    "slerp's t=0 end, model_stock, nearswap, arcee_fusion; "
                                    "optional for nuslerp, multislerp, karcher)")
@@ -171,6 +214,14 @@ class MergeConfig(DataFields):
 
     @model_validator(mode="after")
     def _check(self):
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give the models to merge (`models`, --models) or, in the YAML, "
+                             "`slices` of their layers; not both" if self.models else
+                             "no models to merge: give `models` (--models) or, in the YAML, "
+                             "`slices`")
+        if self.slices and self.weights is not None:
+            raise ValueError("`--weights` sets the weights of `models`; with `slices`, set "
+                             "each source's `weight` parameter")
         if self.weights is not None:
             if len(self.weights) != len(self.models):
                 raise ValueError(f"`--weights` has {len(self.weights)} values for "
@@ -185,6 +236,12 @@ class MergeConfig(DataFields):
         for m in self.models:
             for name, value in m.parameters.items():
                 _check_plain(f" of {m.model}", name, value)
+        for i, sl in enumerate(self.slices or []):
+            for name, value in sl.parameters.items():
+                _check_plain(f" of slice {i}", name, value)
+            for src in sl.sources:
+                for name, value in src.parameters.items():
+                    _check_plain(f" of {src.model} in slice {i}", name, value)
         return self
 
     @classmethod
@@ -212,9 +269,13 @@ class MergeConfig(DataFields):
                 data["tokenizer_source"] = tok["source"]
             if tok.get("pad_to_multiple_of") is not None:
                 data["tokenizer_pad_to"] = tok["pad_to_multiple_of"]
-        if "slices" in data:
-            raise UserError("mergekit `slices` (layer stacking) are not supported; list whole "
-                            "models under `models:`")
+        if "modules" in data:
+            raise UserError("mergekit's `modules:` (per-module slices of multi-module models) "
+                            "is not supported; use `slices:` or `models:`")
+        for i, sl in enumerate(data.get("slices") or []):
+            if isinstance(sl, dict) and "residual_weight" in sl:
+                raise UserError(f"`slices[{i}].residual_weight` is not supported (mergekit "
+                                "0.1.5 accepts it but never uses it)")
         data.pop("name", None)  # mergekit's label of one document of a multi-stage merge
         return data
 

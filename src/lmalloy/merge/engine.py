@@ -56,7 +56,10 @@ def _write_meta(p: Plan, tmp: Path) -> None:
 
 
 def _out_config(p: Plan) -> dict:
-    """The reference's config, with the output vocabulary's size where rows were re-indexed."""
+    """The reference's config, with the output vocabulary's size where rows were re-indexed
+    (a `StackPlan` carries its own: the stacked layer count)."""
+    if getattr(p, "config", None) is not None:
+        return dict(p.config)
     cfg = dict(p.ref.config)
     if p.vocab is not None:
         cfg["vocab_size"] = p.vocab.rows
@@ -75,9 +78,9 @@ def _set_chat_template(folder: Path, template: str) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def execute_average(p: Plan, bar) -> None:
+def write_average(p: Plan, writer, bar) -> None:
     """Linear / soup / greedy soup: the streaming weighted average of the models."""
-    from lmalloy.average.weighted import Combination, write_average
+    from lmalloy.average.weighted import Combination, weighted_average
     from lmalloy.merge.methods import METHODS
     from lmalloy.merge.vocab import reindexed
 
@@ -93,13 +96,8 @@ def execute_average(p: Plan, bar) -> None:
         for name in p.vocab.names:
             mats = reindexed(p.vocab, p.inputs, name)
             overrides.update({(i, name): mats[str(m.path)] for i, m in enumerate(p.models)})
-    write_average(p.models, combo, p.output, ref=p.ref, overwrite=p.cfg.overwrite,
-                  extra=lambda tmp: _write_meta(p, tmp),
-                  metadata={"lmalloy_merge": p.cfg.method},
-                  max_shard_bytes=p.cfg.max_shard_size,
-                  progress=bar.update if bar is not None else None,
-                  entries=[(t.name, t.dtype, t.shape) for t in p.tensors],
-                  overrides=overrides, config=_out_config(p))
+    weighted_average(p.models, combo, writer, [(t.name, t.dtype, t.shape) for t in p.tensors],
+                     p.ref, bar.update if bar is not None else None, overrides)
 
 
 def _stream(p: Plan, writer, load, compute_one, bar) -> None:
@@ -123,26 +121,43 @@ def _stream(p: Plan, writer, load, compute_one, bar) -> None:
             pending.result()
 
 
-def execute_tensorwise(p: Plan, bar) -> None:
+def _write_ties_streamed(p: Plan, writer, fn, compute, out_dtype, thresholds, bar) -> None:
+    from lmalloy.merge import strategies as S
+
+    pool = ThreadPoolExecutor(p.cfg.threads) if (p.cfg.threads or 1) > 1 else None
+    try:
+        for tp in p.tensors:
+            if tp.merge:
+                S.ties_streamed(p, tp, writer, fn, compute, out_dtype, thresholds, pool)
+            else:
+                writer.write(tp.name, p.ref.read(tp.name))
+            if bar is not None:
+                bar.update(tp.nbytes_in)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def write_tensorwise(p: Plan, writer, bar) -> None:
     """Every other method: tensor by tensor through `lmalloy.merge.strategies`."""
     import torch
 
     from lmalloy.io.dtypes import torch_dtype
-    from lmalloy.io.writer import ShardedWriter, atomic_output, copy_aux_files, write_config
     from lmalloy.merge import strategies as S
     from lmalloy.merge.methods import METHODS
 
     cfg = p.cfg
     compute = getattr(torch, cfg.compute_dtype)
     out_dtype = torch_dtype(p.out_dtype)
-    # TIES without L1 rescale is elementwise once the thresholds are known: streamed
-    chunked = cfg.method == "ties" and not any(tp.glob.get("rescale") for tp in p.tensors)
     thresholds = None
     if cfg.ties_trim == "model" and cfg.method in ("ties", "dare_ties"):
         dens = [float(q["density"]) for q in p.tensors[0].params]
         thresholds = S.whole_model_thresholds(p, dens, compute)
-
     fn = METHODS[cfg.method].fn
+    # TIES without L1 rescale is elementwise once the thresholds are known: streamed
+    if cfg.method == "ties" and not any(tp.glob.get("rescale") for tp in p.tensors):
+        _write_ties_streamed(p, writer, fn, compute, out_dtype, thresholds, bar)
+        return
 
     def load(tp):
         return S.load_inputs(p, tp, False, compute)
@@ -151,40 +166,35 @@ def execute_tensorwise(p: Plan, bar) -> None:
         return S.merge_tensor(p, tp, xs, b, fn=fn, compute=compute, out_dtype=out_dtype,
                               thresholds=thresholds)
 
-    with atomic_output(p.output, cfg.overwrite) as tmp:
-        entries = [(t.name, t.dtype, t.shape) for t in p.tensors]
-        with ShardedWriter(tmp, entries, cfg.max_shard_size,
-                           metadata={"lmalloy_merge": cfg.method}) as writer:
-            if chunked:  # chunk by chunk, straight into the writer
-                pool = ThreadPoolExecutor(cfg.threads) if (cfg.threads or 1) > 1 else None
-                try:
-                    for tp in p.tensors:
-                        if tp.merge:
-                            S.ties_streamed(p, tp, writer, fn, compute, out_dtype, thresholds,
-                                            pool)
-                        else:
-                            writer.write(tp.name, p.ref.read(tp.name))
-                        if bar is not None:
-                            bar.update(tp.nbytes_in)
-                finally:
-                    if pool is not None:
-                        pool.shutdown()
-            else:
-                _stream(p, writer, load, compute_one, bar)
-        write_config(tmp, _out_config(p), p.out_dtype)
-        copy_aux_files(p.ref.path, tmp)
-        _write_meta(p, tmp)
+    _stream(p, writer, load, compute_one, bar)
 
 
-def execute(p: Plan) -> None:
+def write_tensors(p: Plan, writer, bar=None) -> None:
+    """The plan's tensors, in order, into an open `ShardedWriter` (or any sink)."""
     from lmalloy.merge.methods import METHODS
+
+    if METHODS[p.cfg.method].weights is not None:
+        write_average(p, writer, bar)
+    else:
+        write_tensorwise(p, writer, bar)
+
+
+def execute(p) -> None:
+    """Write a `Plan` (or a `StackPlan`: its slices' plans one after another) to its output
+    folder, atomically."""
+    from lmalloy.io.writer import ShardedWriter, atomic_output, copy_aux_files, write_config
 
     bar = _progress(p)
     try:
-        if METHODS[p.cfg.method].weights is not None:
-            execute_average(p, bar)
-        else:
-            execute_tensorwise(p, bar)
+        with atomic_output(p.output, p.cfg.overwrite) as tmp:
+            entries = [(t.name, t.dtype, t.shape) for t in p.tensors]
+            with ShardedWriter(tmp, entries, p.cfg.max_shard_size,
+                               metadata={"lmalloy_merge": p.cfg.method}) as writer:
+                for part in getattr(p, "parts", [p]):
+                    write_tensors(part, writer, bar)
+            write_config(tmp, _out_config(p), p.out_dtype)
+            copy_aux_files(p.ref.path, tmp)
+            _write_meta(p, tmp)
     finally:
         if bar is not None:
             bar.close()
@@ -205,7 +215,7 @@ def merge(cfg: MergeConfig) -> Path:
 
     if any(is_adapter(m.model) for m in cfg.models):
         return merge_adapters(cfg)
-    if cfg.method in ("cat", "svd", "bake"):
+    if cfg.method in ("cat", "svd", "bake") and cfg.models:
         raise UserError(f"`{cfg.method}` merges PEFT adapter folders (adapter_config.json); "
                         f"{cfg.models[0].model} is a full model")
     notes: list[str] = []
@@ -217,7 +227,8 @@ def merge(cfg: MergeConfig) -> Path:
             f.check_seq_len(cfg.seq_len)
         cfg, notes, files = greedy_select(cfg)
     p = plan(cfg)
-    p.notes, p.files = notes, files
+    p.notes += notes
+    p.files.update(files)
     t0 = time.perf_counter()
     with one_torch_thread():
         execute(p)

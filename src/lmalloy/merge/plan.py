@@ -89,11 +89,11 @@ def _open_inputs(cfg: MergeConfig, method) -> tuple[dict, Any, list, list]:
     entries = [m for m in cfg.models
                if not (takes_base and base_path
                        and Path(m.model).resolve() == Path(base_path).resolve())]
-    _check_model_count(cfg, method, entries, base)
+    check_model_count(cfg, method, entries, base)
     return seen, base, entries, [seen[str(Path(m.model).resolve())] for m in entries]
 
 
-def _check_model_count(cfg: MergeConfig, method, entries: list, base) -> None:
+def check_model_count(cfg: MergeConfig, method, entries: list, base) -> None:
     lo, hi = method.n_models
     if cfg.method == "slerp" and len(entries) != 1:
         raise UserError(f"slerp interpolates exactly two models (the base and one other); got "
@@ -107,7 +107,7 @@ def _check_model_count(cfg: MergeConfig, method, entries: list, base) -> None:
                         f"{' besides the base' if takes_base else ''}, got {len(entries)}")
 
 
-def _check_vocabulary(cfg: MergeConfig, ref, folders, base) -> tuple[Path, Any]:
+def check_vocabulary(cfg: MergeConfig, ref, folders, base) -> tuple[Path, Any]:
     """Tokenizer and padded-row checks: (the folder the output's tokenizer comes from, the
     re-indexing plan when the inputs' tokenizers differ, else None)."""
     from lmalloy.io.folder import compare_tensors
@@ -139,10 +139,14 @@ def _check_vocabulary(cfg: MergeConfig, ref, folders, base) -> tuple[Path, Any]:
     return (ref.path if src in (None, "base", "union") else Path(src)), None
 
 
-def _check_param_names(cfg: MergeConfig, method) -> None:
+def check_param_names(cfg: MergeConfig, method, given: list[tuple[str, dict]] | None = None
+                      ) -> None:
+    """Every parameter name the method takes; `given`: (where, parameters) pairs (default:
+    the global ones and each model's)."""
     known = {p.name for p in method.model_params} | {p.name for p in method.global_params}
-    for where, params in [("", cfg.parameters)] + [(f" of {m.model}", m.parameters)
-                                                   for m in cfg.models]:
+    if given is None:
+        given = [("", cfg.parameters)] + [(f" of {m.model}", m.parameters) for m in cfg.models]
+    for where, params in given:
         for k in params:
             if k not in known:
                 raise UserError(f"`{cfg.method}` has no parameter `{k}`{where}"
@@ -150,20 +154,26 @@ def _check_param_names(cfg: MergeConfig, method) -> None:
                                 f"{', '.join(sorted(known)) or 'none'}")
 
 
-def _tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: str,
-                  vocab=None) -> list[TensorPlan]:
-    """Per tensor: output dtype and every parameter resolved (and range-checked)."""
+def tensor_plans(cfg: MergeConfig, method, ref, base, models, entries, out_st: str,
+                 vocab=None, middle: tuple[dict, ...] = (), t_of=None) -> list[TensorPlan]:
+    """Per tensor: output dtype and every parameter resolved (and range-checked).
+
+    A parameter is looked up in the model's entry, then `middle` (a slice's parameters),
+    then the global ones; `t_of(name)` is a tensor's position along the gradients (default:
+    its layer over the reference's layers)."""
     from lmalloy.io.dtypes import is_float
     from lmalloy.merge.params import layer_t, resolve
 
     num_layers = int(ref.config.get("num_hidden_layers") or 1)
+    t_of = t_of or (lambda name: layer_t(name, num_layers))
     tensors = []
     for name, info in ref.tensors.items():
-        t = layer_t(name, num_layers)
-        params = [{s.name: resolve(s, [m.parameters, cfg.parameters], name, t,
+        t = t_of(name)
+        params = [{s.name: resolve(s, [m.parameters, *middle, cfg.parameters], name, t,
                                    f" of {m.model}") for s in method.model_params}
                   for m in entries]
-        glob = {s.name: resolve(s, [cfg.parameters], name, t, "") for s in method.global_params}
+        glob = {s.name: resolve(s, [*middle, cfg.parameters], name, t, "")
+                for s in method.global_params}
         if method.check is not None and (err := method.check(params, glob)):
             raise UserError(f"{err} (tensor `{name}`)")
         if method.weights is not None:  # e.g. weights that sum to 0 under normalize
@@ -193,15 +203,19 @@ def plan(cfg: MergeConfig) -> Plan:
     from lmalloy.io.writer import check_output
     from lmalloy.merge.methods import METHODS
 
+    if cfg.slices:
+        from lmalloy.merge.slices import plan_slices
+
+        return plan_slices(cfg)
     method = METHODS[cfg.method]
     seen, base, entries, models = _open_inputs(cfg, method)
     folders = list(seen.values())
     ref = base or models[0]
     check_same_architecture(folders)
-    tok_from, vocab = _check_vocabulary(cfg, ref, folders, base)
+    tok_from, vocab = check_vocabulary(cfg, ref, folders, base)
     out_dtype = cfg.dtype or majority_float(t.dtype for t in ref.tensors.values())
-    _check_param_names(cfg, method)
-    tensors = _tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype),
+    check_param_names(cfg, method)
+    tensors = tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype),
                             vocab)
     from lmalloy.io.writer import check_free_space
 
