@@ -93,6 +93,7 @@ def main(cfg: InspectConfig) -> int:
         print(f"  layers         {s['layers']}, hidden {s['hidden_size']}"
               + (f", {s['experts']} experts" if s["experts"] else ""))
     print("  modules:")
+    width = max([28, *map(len, s["modules"])])
     for name, n in s["modules"].items():
-        print(f"    {name:<28} {human(n):>9}  {100 * n / total:5.1f}%")
+        print(f"    {name:<{width}} {human(n):>9}  {100 * n / total:5.1f}%")
     return 0
