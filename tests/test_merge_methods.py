@@ -316,3 +316,85 @@ def test_ram_unique_changes_kept_shared_ones_averaged():
           [[2.0, 0.0, 2.6, 0.0]])
     close(run("ramplus_tl", [t1, t2], base, epsilon=0.5, r=0.5, alpha=0.6) -
           run("ram", [t1, t2], base, epsilon=0.5), [[0.0, 0.0, 0.6, 0.0]])
+
+
+def _ties_inputs(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16)
+          for _ in range(3)]
+    xs[1][:1000] = base[:1000]  # ties at zero
+    return xs, base
+
+
+@pytest.mark.parametrize("n", [5000, 3 << 20])
+def test_ties_thresholds_are_the_exact_kth_largest(n, monkeypatch):
+    """The sampled band (large tensors), direct selection (small) and the two-pass fallback
+    give kth_largest's value exactly."""
+    from lmalloy.merge import fused
+    from lmalloy.merge.methods import kth_largest
+
+    xs, base = _ties_inputs(n)
+    dens = [0.5, 0.2, 0.97]
+
+    def read(t, a, b):
+        return t[a:b]
+
+    def bad():
+        raise AssertionError("no input is bad")
+
+    want = [float(kth_largest((x.float() - base.float()).abs(), max(1, int(d * n))))
+            for x, d in zip(xs, dens, strict=True)]
+    got = fused.ties_thresholds(read, xs, base, dens, n, torch.float32, 1 << 18,
+                                fused.Kernels(False), bad)
+    assert got == want
+    if n > fused.EXACT_MAX:  # a band that misses: the exact fallback
+        monkeypatch.setattr(fused, "_bracket", lambda s, k, n: (0.0, 1e-30))
+        assert fused.ties_thresholds(read, xs, base, dens, n, torch.float32, 1 << 18,
+                                     fused.Kernels(False), bad) == want
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
+    from lmalloy.merge import fused
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fused, "_kernels", {})
+    monkeypatch.setattr(fused, "_warned", [])
+    xs, base = _ties_inputs(4096)
+    args = (torch.tensor([0.01, 0.02, 0.0]), torch.tensor([1.0, 0.5, 1.0]), True,
+            torch.tensor(1.0), torch.bfloat16, torch.float32)
+    k = fused.Kernels(True)
+    out, bad_in, bad_out = k.ties(xs, base, *args)
+    ref, _, _ = fused.Kernels(False).ties(xs, base, *args)
+    assert torch.equal(out, ref) and not bad_in and not bad_out and not k.compiled
+    k.ties(xs, base, *args)
+    err = capsys.readouterr().err
+    assert err.count("warning: torch.compile is unavailable here (no C++ compiler found)") == 1
+
+
+@pytest.mark.slow
+def test_compiled_ties_equals_eager():
+    """The fused kernel computes eager TIES's arithmetic: within an ulp (FMA contraction),
+    NaN inputs reported."""
+    from lmalloy.merge import fused
+
+    xs, base = _ties_inputs(1 << 16)
+    args = (torch.tensor([0.01, 0.02, 0.0]), torch.tensor([0.7, 0.4, 1.0]), True,
+            torch.tensor(0.9), torch.float32, torch.float32)
+    k = fused.Kernels(True)
+    out, bad_in, bad_out = k.ties(xs, base, *args)
+    assert k.compiled, "torch.compile works on this machine"
+    ref, _, _ = fused.Kernels(False).ties(xs, base, *args)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    assert not bad_in and not bad_out
+    xs[2][7] = float("nan")
+    assert k.ties(xs, base, *args)[1]
+    got = k.band(xs[:2], base, torch.tensor([0.0, 0.01]), torch.tensor([0.02, 0.03]),
+                 torch.float32)
+    want = fused.Kernels(False).band(xs[:2], base, torch.tensor([0.0, 0.01]),
+                                     torch.tensor([0.02, 0.03]), torch.float32)
+    for (c1, v1), (c2, v2) in zip(got, want, strict=True):
+        assert c1 == c2 and torch.equal(v1, v2)

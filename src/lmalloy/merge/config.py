@@ -153,6 +153,10 @@ class MergeConfig(DataFields):
         "tensor", description="TIES/DARE-TIES trim scope: per tensor (mergekit) or over the "
         "whole flattened task vector (the TIES paper)")
     seed: int = Field(0, description="seed of DARE's random drops (per tensor and model)")
+    compile: bool | None = Field(None, description="TIES: fuse each chunk's arithmetic into "
+                                 "one torch.compile kernel (needs a C++ compiler; eager with "
+                                 "a warning where it fails); default: when the inputs exceed "
+                                 "1 GB")
     rank: int | None = Field(None, gt=0, description="LoRA `svd`: output rank (default: the "
                              "largest input rank)")
     max_shard_size: int = Field(5 * 1024**3, gt=0, description="bytes per output shard")

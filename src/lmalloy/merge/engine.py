@@ -121,14 +121,17 @@ def _stream(p: Plan, writer, load, compute_one, bar) -> None:
             pending.result()
 
 
-def _write_ties_streamed(p: Plan, writer, fn, compute, out_dtype, thresholds, bar) -> None:
+def _write_ties_streamed(p: Plan, writer, compute, out_dtype, thresholds, bar) -> None:
     from lmalloy.merge import strategies as S
+    from lmalloy.merge.fused import Kernels, want_compile
+
+    kernels = Kernels(want_compile(p.cfg.compile, p.bytes_in))
 
     pool = ThreadPoolExecutor(p.cfg.threads) if (p.cfg.threads or 1) > 1 else None
     try:
         for tp in p.tensors:
             if tp.merge:
-                S.ties_streamed(p, tp, writer, fn, compute, out_dtype, thresholds, pool)
+                S.ties_streamed(p, tp, writer, compute, out_dtype, thresholds, pool, kernels)
             else:
                 writer.write(tp.name, p.ref.read(tp.name))
             if bar is not None:
@@ -156,7 +159,7 @@ def write_tensorwise(p: Plan, writer, bar) -> None:
     fn = METHODS[cfg.method].fn
     # TIES without L1 rescale is elementwise once the thresholds are known: streamed
     if cfg.method == "ties" and not any(tp.glob.get("rescale") for tp in p.tensors):
-        _write_ties_streamed(p, writer, fn, compute, out_dtype, thresholds, bar)
+        _write_ties_streamed(p, writer, compute, out_dtype, thresholds, bar)
         return
 
     def load(tp):

@@ -24,7 +24,7 @@ import math
 from lmalloy.errors import UserError
 from lmalloy.merge.plan import Plan, TensorPlan
 
-CHUNK = 1 << 20
+CHUNK = 1 << 18  # entries: a few of them fit the L2 cache
 
 
 def read_input(folder, tp: TensorPlan, ref_t, dtype=None):
@@ -98,52 +98,44 @@ def _abs_delta_chunks(p: Plan, tp: TensorPlan, read, m, compute):
         yield (read(m, a, b).to(compute) - read(p.base, a, b).to(compute)).abs_()
 
 
-def streamed_thresholds(p: Plan, tp: TensorPlan, read, compute) -> list[float]:
-    """Per model, the magnitude of its τ's k-th largest entry (k = density·n) for one
-    tensor, from chunks (two passes, one chunk held at a time)."""
-    from lmalloy.merge.methods import kth_largest_streaming
-
-    n = math.prod(tp.shape)
-    thr = []
-    for m, q in zip(p.models, tp.params, strict=True):
-        dens = float(q["density"])
-        if dens >= 1:
-            thr.append(0.0)  # keeps every entry
-        elif dens <= 0:
-            thr.append(math.inf)
-        else:
-            thr.append(float(kth_largest_streaming(
-                lambda m=m: _abs_delta_chunks(p, tp, read, m, compute), max(1, int(dens * n)))))
-    return thr
-
-
-def ties_streamed(p: Plan, tp: TensorPlan, writer, fn, compute, out_dtype,
-                  thresholds=None, pool=None) -> None:
-    """One TIES tensor, chunk by chunk into `writer` (see the module docstring). With a
-    `pool` (`--threads N`), N chunks are computed at once (torch releases the GIL) and
-    written in order; at most 2N are in flight."""
+def ties_streamed(p: Plan, tp: TensorPlan, writer, compute, out_dtype, thresholds=None,
+                  pool=None, kernels=None) -> None:
+    """One TIES tensor, chunk by chunk into `writer` (see the module docstring and
+    `lmalloy.merge.fused`). With a `pool` (`--threads N`), N chunks are computed at once
+    (torch releases the GIL) and written in order; at most 2N are in flight."""
     import torch
 
     from lmalloy.io.folder import check_finite
-    from lmalloy.merge.methods import TensorCtx
+    from lmalloy.merge.fused import Kernels, ties_thresholds
 
     read = chunk_reader(p, tp)
-    thr = thresholds if thresholds is not None else streamed_thresholds(p, tp, read, compute)
-    ctx = TensorCtx(tp.name, p.cfg.seed, tuple(thr))
     n = math.prod(tp.shape)
+    kernels = kernels or Kernels(False)
+
+    def name_bad(a: int = 0, b: int = n):
+        for f in [*p.models, p.base]:
+            check_finite(tp.name, read(f, a, b).to(compute), f.path)
+        raise name_nonfinite(p, tp.name, "check the inputs")
+
+    thr = thresholds if thresholds is not None else ties_thresholds(
+        read, p.models, p.base, [float(q["density"]) for q in tp.params], n, compute, CHUNK,
+        kernels, name_bad)
+    thr_t = torch.tensor(thr, dtype=compute)
+    w = torch.tensor([float(q["weight"]) for q in tp.params], dtype=compute)
+    lam = torch.tensor(float(tp.glob.get("lambda", 1.0)), dtype=compute)
+    normalize = bool(tp.glob["normalize"])
 
     def part(a: int):
         b = min(n, a + CHUNK)
         with torch.no_grad():
-            xs = [read(m, a, b).to(compute) for m in p.models]
-            base = read(p.base, a, b).to(compute)
-            for f, x in zip([*p.models, p.base], [*xs, base], strict=True):
-                if not finite(x):  # TIES may trim a NaN away: check the inputs
-                    check_finite(tp.name, x, f.path)
-            out = fn(xs, base, tp.params, tp.glob, ctx)
-            if not finite(out):
-                raise name_nonfinite(p, tp.name, "check the parameters")
-            return out.to(out_dtype)
+            out, bad_in, bad_out = kernels.ties([read(m, a, b) for m in p.models],
+                                                read(p.base, a, b), thr_t, w, normalize, lam,
+                                                out_dtype, compute)
+        if bad_in:  # TIES may trim a NaN away: the inputs are checked
+            name_bad(a, b)
+        if bad_out:
+            raise name_nonfinite(p, tp.name, "check the parameters")
+        return out
 
     writer.begin(tp.name, tp.dtype, tp.shape)
     starts = list(range(0, n, CHUNK))
