@@ -51,8 +51,11 @@ def _write_meta(p: Plan, tmp: Path) -> None:
             f"`lmalloy merge merge_config.yaml --out DIR` repeats it"]
     head += [f"# {x}" for x in p.notes]
     (tmp / "merge_config.yaml").write_text("\n".join(head) + "\n" + p.cfg.to_yaml())
-    for name, text in p.files.items():
-        (tmp / name).write_text(text)
+    for name, data in p.files.items():  # text, or bytes (an image)
+        if isinstance(data, bytes):
+            (tmp / name).write_bytes(data)
+        else:
+            (tmp / name).write_text(data)
 
 
 def _out_config(p: Plan) -> dict:
@@ -75,9 +78,10 @@ def _set_chat_template(folder: Path, template: str) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def execute_average(p: Plan, bar) -> None:
-    """Linear / soup / greedy soup: the streaming weighted average of the models."""
-    from lmalloy.average.weighted import Combination, write_average
+def _average_inputs(p: Plan) -> tuple:
+    """Linear / soup / greedy soup as a streaming weighted average: (the combination of
+    each tensor, the re-indexed vocabulary rows that replace the files' rows)."""
+    from lmalloy.average.weighted import Combination
     from lmalloy.merge.methods import METHODS
     from lmalloy.merge.vocab import reindexed
 
@@ -93,6 +97,14 @@ def execute_average(p: Plan, bar) -> None:
         for name in p.vocab.names:
             mats = reindexed(p.vocab, p.inputs, name)
             overrides.update({(i, name): mats[str(m.path)] for i, m in enumerate(p.models)})
+    return combo, overrides
+
+
+def execute_average(p: Plan, bar) -> None:
+    """Linear / soup / greedy soup: the streaming weighted average of the models."""
+    from lmalloy.average.weighted import write_average
+
+    combo, overrides = _average_inputs(p)
     write_average(p.models, combo, p.output, ref=p.ref, overwrite=p.cfg.overwrite,
                   extra=lambda tmp: _write_meta(p, tmp),
                   metadata={"lmalloy_merge": p.cfg.method},
@@ -123,12 +135,13 @@ def _stream(p: Plan, writer, load, compute_one, bar) -> None:
             pending.result()
 
 
-def execute_tensorwise(p: Plan, bar) -> None:
-    """Every other method: tensor by tensor through `lmalloy.merge.strategies`."""
+def tensorwise(p: Plan, sink, bar=None) -> None:
+    """Every method but the weighted averages, tensor by tensor through
+    `lmalloy.merge.strategies`, into `sink` (a `ShardedWriter` or an in-memory
+    `StateSink`: `write`, or `begin`/`part`/`end`)."""
     import torch
 
     from lmalloy.io.dtypes import torch_dtype
-    from lmalloy.io.writer import ShardedWriter, atomic_output, copy_aux_files, write_config
     from lmalloy.merge import strategies as S
     from lmalloy.merge.methods import METHODS
 
@@ -141,39 +154,58 @@ def execute_tensorwise(p: Plan, bar) -> None:
     if cfg.ties_trim == "model" and cfg.method in ("ties", "dare_ties"):
         dens = [float(q["density"]) for q in p.tensors[0].params]
         thresholds = S.whole_model_thresholds(p, dens, compute)
-
     fn = METHODS[cfg.method].fn
-
-    def load(tp):
-        return S.load_inputs(p, tp, False, compute)
-
-    def compute_one(tp, xs, b):
-        return S.merge_tensor(p, tp, xs, b, fn=fn, compute=compute, out_dtype=out_dtype,
-                              thresholds=thresholds)
-
-    with atomic_output(p.output, cfg.overwrite) as tmp:
-        entries = [(t.name, t.dtype, t.shape) for t in p.tensors]
-        with ShardedWriter(tmp, entries, cfg.max_shard_size,
-                           metadata={"lmalloy_merge": cfg.method}) as writer:
-            if chunked:  # chunk by chunk, straight into the writer
-                pool = ThreadPoolExecutor(cfg.threads) if (cfg.threads or 1) > 1 else None
-                try:
-                    for tp in p.tensors:
-                        if tp.merge:
-                            S.ties_streamed(p, tp, writer, fn, compute, out_dtype, thresholds,
-                                            pool)
-                        else:
-                            writer.write(tp.name, p.ref.read(tp.name))
-                        if bar is not None:
-                            bar.update(tp.nbytes_in)
-                finally:
-                    if pool is not None:
-                        pool.shutdown()
+    if not chunked:
+        _stream(p, sink, lambda tp: S.load_inputs(p, tp, False, compute),
+                lambda tp, xs, b: S.merge_tensor(p, tp, xs, b, fn=fn, compute=compute,
+                                                 out_dtype=out_dtype, thresholds=thresholds),
+                bar)
+        return
+    pool = ThreadPoolExecutor(cfg.threads) if (cfg.threads or 1) > 1 else None
+    try:  # chunk by chunk, straight into the sink
+        for tp in p.tensors:
+            if tp.merge:
+                S.ties_streamed(p, tp, sink, fn, compute, out_dtype, thresholds, pool)
             else:
-                _stream(p, writer, load, compute_one, bar)
+                sink.write(tp.name, p.ref.read(tp.name))
+            if bar is not None:
+                bar.update(tp.nbytes_in)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def execute_tensorwise(p: Plan, bar) -> None:
+    from lmalloy.io.writer import ShardedWriter, atomic_output, copy_aux_files, write_config
+
+    with atomic_output(p.output, p.cfg.overwrite) as tmp:
+        entries = [(t.name, t.dtype, t.shape) for t in p.tensors]
+        with ShardedWriter(tmp, entries, p.cfg.max_shard_size,
+                           metadata={"lmalloy_merge": p.cfg.method}) as writer:
+            tensorwise(p, writer, bar)
         write_config(tmp, _out_config(p), p.out_dtype)
         copy_aux_files(p.ref.path, tmp)
         _write_meta(p, tmp)
+
+
+def merge_into(p: Plan, sink) -> None:
+    """The merge of a plan into an in-memory sink (`StateSink`), by the same code that
+    writes a folder; torch on one thread, the inputs closed afterwards."""
+    from lmalloy.average.weighted import one_torch_thread, weighted_average
+    from lmalloy.merge.methods import METHODS
+
+    try:
+        with one_torch_thread():
+            if METHODS[p.cfg.method].weights is not None:
+                combo, overrides = _average_inputs(p)
+                weighted_average(p.models, combo, sink,
+                                 [(t.name, t.dtype, t.shape) for t in p.tensors], p.ref,
+                                 overrides=overrides)
+            else:
+                tensorwise(p, sink)
+    finally:
+        for f in p.inputs:
+            f.close()
 
 
 def execute(p: Plan) -> None:
@@ -209,7 +241,7 @@ def merge(cfg: MergeConfig) -> Path:
         raise UserError(f"`{cfg.method}` merges PEFT adapter folders (adapter_config.json); "
                         f"{cfg.models[0].model} is a full model")
     notes: list[str] = []
-    files: dict[str, str] = {}
+    files: dict[str, str | bytes] = {}
     if cfg.method == "greedy_soup":
         from lmalloy.merge.greedy import greedy_select
 
