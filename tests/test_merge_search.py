@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import assert_user_error, make_llama, run_cli
+from common import assert_user_error, make_finetunes, run_cli
 
 pytest.importorskip("nevergrad")
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("search")
-    base = make_llama(d / "base", tokenizer_dir, seed=0)
-    fts = [make_llama(d / f"ft{i}", tokenizer_dir, seed=i + 1, noise_from=base, noise=0.02)
-           for i in range(2)]
+    base, fts = make_finetunes(d, tokenizer_dir, 2)
     for dom, text in (("alpha", "def f(x):\n    return x + 1\n"),
                       ("beta", "class A:\n    def g(self):\n        pass\n")):
         (d / "data" / dom).mkdir(parents=True)
