@@ -350,7 +350,7 @@ def compose_linear(adapters: list[Adapter], w) -> dict:
 
 def lorahub_main(cfg) -> int:
     """`lmalloy merge lorahub`: learn adapter weights from a few examples, write the adapter."""
-    from lmalloy.merge.optimizer import nevergrad, optimizer
+    from lmalloy.merge.optimizer import nevergrad, optimizer, quiet
 
     ng = nevergrad("merge lorahub")
     import numpy as np
@@ -398,7 +398,8 @@ def lorahub_main(cfg) -> int:
     param = ng.p.Array(init=np.zeros(k), lower=-cfg.bound, upper=cfg.bound)
     opt = optimizer(ng, param, cfg.budget, "NGOpt", cfg.seed)
     zero = loss_of(np.zeros(k))
-    rec = opt.minimize(loss_of)
+    with quiet():
+        rec = opt.minimize(loss_of)
     w = [float(x) for x in rec.value]
     best = loss_of(np.array(w))
     mods = compose_linear(adapters, w)

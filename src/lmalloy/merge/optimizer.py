@@ -10,6 +10,9 @@ algorithm from the budget and the space (dimension, bounds, discrete parts).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 from lmalloy.errors import UserError, closest
 
 EXAMPLES = ("NGOpt", "CMA", "TwoPointsDE", "OnePlusOne", "PSO", "Cobyla", "RandomSearch")
@@ -40,3 +43,12 @@ def optimizer(ng, parametrization, budget: int, name: str = "NGOpt", seed: int =
                                        num_workers=1)
     opt.parametrization.random_state = np.random.RandomState(seed)
     return opt
+
+
+@contextlib.contextmanager
+def quiet():
+    """Without the optimizers' warnings about their own settings (scipy's COBYLA on RHOEND,
+    nevergrad on its choices): they concern nothing a user set."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(scipy|nevergrad|cma)")
+        yield

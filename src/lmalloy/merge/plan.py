@@ -139,7 +139,7 @@ def _check_vocabulary(cfg: MergeConfig, ref, folders, base) -> tuple[Path, Any]:
     return (ref.path if src in (None, "base", "union") else Path(src)), None
 
 
-def _check_param_names(cfg: MergeConfig, method) -> None:
+def check_param_names(cfg: MergeConfig, method) -> None:
     known = {p.name for p in method.model_params} | {p.name for p in method.global_params}
     for where, params in [("", cfg.parameters)] + [(f" of {m.model}", m.parameters)
                                                    for m in cfg.models]:
@@ -200,7 +200,7 @@ def plan(cfg: MergeConfig) -> Plan:
     check_same_architecture(folders)
     tok_from, vocab = _check_vocabulary(cfg, ref, folders, base)
     out_dtype = cfg.dtype or majority_float(t.dtype for t in ref.tensors.values())
-    _check_param_names(cfg, method)
+    check_param_names(cfg, method)
     tensors = _tensor_plans(cfg, method, ref, base, models, entries, name_to_st(out_dtype),
                             vocab)
     from lmalloy.io.writer import check_free_space

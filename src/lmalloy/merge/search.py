@@ -39,7 +39,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +88,9 @@ class Search:
 def check_space(cfg: SearchConfig, method) -> list:
     """(variable, kind) per search value, each checked against the method's parameter: one
     it takes, where it takes it, and both ends of a range (or every choice) valid."""
-    from lmalloy.merge.plan import _check_param_names
+    from lmalloy.merge.plan import check_param_names
 
-    _check_param_names(cfg, method)
+    check_param_names(cfg, method)
     per_model = {p.name: p for p in method.model_params}
     specs = {**{p.name: p for p in method.global_params}, **per_model}
     out = []
@@ -490,14 +489,12 @@ def _step(s: Search, opt, ev: Evaluator, records: list) -> dict:
 
 def run_search(s: Search) -> list:
     """Ask, merge, score, tell and log until the budget is spent; returns every record."""
-    from lmalloy.merge.optimizer import nevergrad, optimizer
+    from lmalloy.merge.optimizer import nevergrad, optimizer, quiet
 
     ng = nevergrad("merge search")
     records = list(s.records)
     bar = None
-    with warnings.catch_warnings():
-        # scipy/nevergrad chatter about their own settings (COBYLA's RHOEND, ...)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(scipy|nevergrad|cma)")
+    with quiet():
         opt = optimizer(ng, parametrization(ng, s.space), s.cfg.budget, s.cfg.optimizer,
                         s.cfg.search_seed)
         how = replay(opt, records)
