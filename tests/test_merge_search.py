@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import assert_user_error, make_finetunes, run_cli
+from common import assert_user_error, make_finetunes, make_llama, run_cli
 
 pytest.importorskip("nevergrad")
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,3 +308,30 @@ def test_multiple_choice_accuracy(capsys, zoo, tmp_path):
     line = assert_user_error(capsys, "merge", "search", y, "--out", tmp_path / "o2",
                              "--objective", "loss", "--choices", f, match="drop one")
     assert "--choices" in line
+
+
+def test_in_memory_merge_is_the_written_one_with_tied_embeddings(tmp_path, tokenizer_dir):
+    """Merged into a loaded model's own tensors (TIES, tied LM head), the model equals the
+    one loaded from the folder `lmalloy merge` writes."""
+    from lmalloy.average.weighted import StateSink
+    from lmalloy.io.models import load_causal_lm
+    from lmalloy.merge import search as S
+    from lmalloy.merge.engine import execute, merge_into
+    from lmalloy.merge.plan import plan
+
+    base = make_llama(tmp_path / "base", tokenizer_dir, tie=True, dtype="bfloat16")
+    fts = [make_llama(tmp_path / f"ft{i}", tokenizer_dir, seed=i + 1, noise_from=base,
+                      noise=0.02, tie=True, dtype="bfloat16") for i in range(2)]
+    cfg = S.SearchConfig(method="ties", base_model=str(base), out=str(tmp_path / "o"),
+                         models=[{"model": str(m), "parameters": {"weight": 1.0}} for m in fts],
+                         parameters={"density": {"range": [0.2, 1.0]}})
+    mcfg = S.candidate(cfg, {"density": 0.4}, tmp_path / "written")
+    execute(plan(mcfg))
+    model = load_causal_lm(base)
+    targets = S.model_targets(model, plan(mcfg))
+    assert targets is not None and "lm_head.weight" not in targets
+    merge_into(plan(mcfg), StateSink(targets))
+    want = dict(load_causal_lm(tmp_path / "written").named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, want[n]), n
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
