@@ -50,7 +50,9 @@ def flags(z, *extra) -> list[str]:
 
 
 def records(log: Path) -> list[dict]:
-    return [json.loads(x) for x in log.read_text().splitlines()[1:] if x.strip()]
+    from lmalloy.merge.search import read_log
+
+    return read_log(log)[1]
 
 
 # ------------------------------------------------------------------ the space
@@ -243,6 +245,8 @@ def test_resume_after_sigkill_continues_the_same_search(capsys, zoo, tmp_path):
     proc.wait(timeout=30)
     done = records(log)
     assert 4 <= len(done) < n and not out.exists()
+    with open(log, "a") as f:  # as if the kill had come in the middle of a line
+        f.write(f'{{"eval": {len(done) + 1}, "params": {{"lamb')
     line = assert_user_error(capsys, "merge", "search", y, "--out", out, "--budget", n,
                              *flags(zoo), match="--resume")
     assert "interrupted" in line

@@ -623,14 +623,14 @@ def write_best(s: Search, records: list, seconds: float) -> dict:
 
 
 def _start(s: Search) -> None:
-    """The work folder: made anew (the log's header, and the records a finished output's
-    log brings), or kept to continue its log."""
+    """The work folder, made anew unless a log there is continued, and the log rewritten as
+    its header and the records to continue from (a line a kill cut short is gone)."""
+    from lmalloy.io.writer import atomic_write_text
+
     if s.fresh:
         shutil.rmtree(s.work, ignore_errors=True)
-        s.work.mkdir(parents=True)
-        _append(s.log, s.header)
-        for r in s.records:
-            _append(s.log, r)
+    s.work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(s.log, "".join(json.dumps(x) + "\n" for x in [s.header, *s.records]))
 
 
 def duration(seconds: float) -> str:
