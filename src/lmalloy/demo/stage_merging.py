@@ -119,16 +119,18 @@ def _merge_all(ctx, base: str, experts: dict[str, str], s: dict, work: Path,
 def _search(ctx, base: str, experts: dict[str, str], s: dict, work: Path,
             eval_tokens: int) -> tuple[str, str, dict]:
     """(row name, HF folder, numbers) of `lmalloy merge search`: task arithmetic (λ = 1) with
-    each expert's weight in [0, 1], scored as the table scores (each domain's held-out loss
-    on up to `eval_tokens` tokens, averaged over the three)."""
+    each expert's weight in [0, 1], started at the base (every weight 0, not at a hand-picked
+    merge), scored as the table scores (each domain's held-out loss on up to `eval_tokens`
+    tokens, averaged over the three)."""
     from lmalloy.merge.search import best_of, read_log
 
     budget = ctx.pick(*SEARCH_BUDGET)
     out = work / "merged-search"
     t0 = time.perf_counter()
+    weight = {"range": [0.0, 1.0], "init": 0.0}
     ctx.call("merge search", method="task_arithmetic", base_model=base,
-             models=[{"model": ft, "parameters": {"weight": {"range": [0.0, 1.0]}}}
-                     for ft in experts.values()], parameters={"lambda": 1.0},
+             models=[{"model": ft, "parameters": {"weight": weight}} for ft in experts.values()],
+             parameters={"lambda": 1.0},
              objective="mean-domain-loss", budget=budget, data=s["data"],
              domains=list(experts), max_chars_per_domain=s["max_chars_per_domain"],
              val_fraction=s["val_fraction"], split_seed=s["seed"], seq_len=s["seq_len"],
@@ -159,8 +161,8 @@ def _search_verdict(losses: dict, hand: list[str], name: str, info: dict) -> tup
     w = ", ".join(f"{d} {v:.2f}" for d, v in info["weights"].items())
     md = [f"`lmalloy merge search` chose the three weights of task arithmetic (λ = 1, each "
           f"weight in [0, 1]) with nevergrad's NGOpt, scoring each candidate by the table's "
-          f"mean loss (on the split it is reported on, as greedy soup; its starting point, "
-          f"all weights 0.5, is the λ = 0.5 merge): {info['evaluations']} evaluations in "
+          f"mean loss (on the split it is reported on, as greedy soup), starting from the base "
+          f"(every weight 0): {info['evaluations']} evaluations in "
           f"{duration(info['seconds'])} found weights {w} (at evaluation "
           f"{info['best_evaluation']}), mean loss {mean[name]:.4f} against "
           f"{mean[top]:.4f} for the best hand-picked merge, {top}: "
