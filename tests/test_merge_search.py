@@ -339,3 +339,19 @@ def test_in_memory_merge_is_the_written_one_with_tied_embeddings(tmp_path, token
     for n, p in model.named_parameters():
         assert torch.equal(p, want[n]), n
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_candidate_asked_again_is_not_merged_again(capsys, zoo, tmp_path):
+    y = space_yaml(zoo, tmp_path / "s.yaml", "lambda: {choice: [0.5, 1.0]}",
+                   ("{weight: 1.0}",) * 2)
+    rc, _, err = run_cli(capsys, "merge", "search", y, "--out", tmp_path / "o", "--budget", "5",
+                         *flags(zoo))
+    assert rc == 0, err
+    recs = records(tmp_path / "o" / "search.jsonl")
+    fresh = [r for r in recs if "repeat_of" not in r]
+    assert len(recs) == 5 and len(fresh) == len({r["params"]["lambda"] for r in recs}) <= 2
+    for r in recs:
+        if "repeat_of" in r:
+            first = recs[r["repeat_of"] - 1]
+            assert r["params"] == first["params"] and r["score"] == first["score"]
+            assert r["merge_s"] == r["eval_s"] == 0.0

@@ -459,6 +459,8 @@ def _line(s: Search, rec: dict, best: dict | None) -> str:
                       for k, v in rec["params"].items())
     got = (f"{o.name} {rec['value']:.4f}" if rec.get("score") is not None
            else f"infeasible ({rec['error']})")
+    if "repeat_of" in rec:
+        got += f" (asked again: #{rec['repeat_of']}'s score)"
     tail = f"; best {best['value']:.4f} (#{best['eval']})" if best else ""
     return f"search {rec['eval']}/{s.cfg.budget}: {got}{tail}  [{shown}]"
 
@@ -476,9 +478,17 @@ def _append(path: Path, obj: dict) -> None:
 
 
 def _step(s: Search, opt, ev: Evaluator, records: list) -> dict:
-    """Ask one candidate, merge and score it, tell the optimizer, log it."""
+    """Ask one candidate, merge and score it (or, asked again, take its score from the
+    log: the objective is deterministic), tell the optimizer, log it."""
     c = opt.ask()
-    rec = ev(plain(c.value), len(records) + 1)
+    values = plain(c.value)
+    same = next((r for r in records if r["params"] == values and "repeat_of" not in r), None)
+    if same is not None:
+        keep = ("score", "value", "error", "domains", "answer_logprob")
+        rec = {"eval": len(records) + 1, "params": values, "repeat_of": same["eval"],
+               **{k: same[k] for k in keep if k in same}, "merge_s": 0.0, "eval_s": 0.0}
+    else:
+        rec = ev(values, len(records) + 1)
     rec["told"] = rec["score"] if rec["score"] is not None else penalty(
         records, s.objective.maximize)
     opt.tell(c, rec["told"])
