@@ -49,6 +49,13 @@ def make_llama(path: Path, tokenizer: Path | None = None, seed: int = 0, hidden:
     return path
 
 
+
+def make_finetunes(d: Path, tokenizer: Path, n: int, noise: float = 0.02) -> tuple:
+    """(base, [n fine-tunes]): a tiny Llama and n perturbed copies of it, in folder `d`."""
+    base = make_llama(d / "base", tokenizer, seed=0)
+    return base, [make_llama(d / f"ft{i}", tokenizer, seed=i + 1, noise_from=base, noise=noise)
+                  for i in range(n)]
+
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
            "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
 

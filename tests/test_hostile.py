@@ -228,6 +228,30 @@ def one_slice(z: Zoo, name: str, model, first: int, end: int, method: str = "pas
 
 
 M = "merge"
+
+
+def SY(z: Zoo, o: Path, params: str, method: str = "ties", mp: str = "{weight: 1.0}",
+       models=None, extra: str = "") -> list:
+    """`merge search` on a space YAML (written beside the row's output) and the zoo's data."""
+    models = models or [z.llama2]
+    y = o.parent / "space.yaml"
+    y.parent.mkdir(parents=True, exist_ok=True)
+    y.write_text(f"merge_method: {method}\nbase_model: {z.llama}\nmodels:\n"
+                 + "".join(f"  - model: {m}\n    parameters: {mp}\n" for m in models)
+                 + f"parameters: {params}\n{extra}")
+    return [M, "search", y, "--data", z.data, "--domains", "alpha", "--seq-len", "32",
+            "--val-fraction", "0.3", "--out", o]
+
+
+def _log_beside(o: Path, header: dict) -> Path:
+    """An interrupted search's log beside the row's output."""
+    work = o.parent / f".{o.name}.search"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "search.jsonl").write_text(json.dumps(header) + "\n")
+    return o
+
+
+LAM = "{lambda: {range: [0.5, 1.5]}}"
 ROWS: list[Row] = [
     # ------------------------------------------------------------------ the CLI itself
     Row("cli-unknown-command", lambda z, o: ["mege"], "did you mean `merge`"),
@@ -547,6 +571,51 @@ ROWS: list[Row] = [
                                              z.llama, "--budget", "0", "--out", o], "--budget"),
     Row("lorahub-out-exists", lambda z, o: [M, "lorahub", z.ad[0], z.ad[1], "--base-model",
                                             z.llama, "--out", o], "already exists", exists=True),
+    Row("search-empty-range", lambda z, o: SY(z, o, "{lambda: {range: [1, 1]}}"), "is empty"),
+    Row("search-reversed-range", lambda z, o: SY(z, o, "{lambda: {range: [2, 1]}}"),
+        "is reversed"),
+    Row("search-unknown-param", lambda z, o: SY(z, o, "{densty: {range: [0.2, 1]}}"),
+        "did you mean `density`"),
+    Row("search-budget-zero", lambda z, o: SY(z, o, LAM) + ["--budget", "0"], "`--budget`"),
+    Row("search-bool-range", lambda z, o: SY(z, o, "{normalize: {range: [0, 1]}}"),
+        "choice: [true, false]"),
+    Row("search-param-bounds", lambda z, o: SY(z, o, "{density: {range: [0.0, 1.0]}}"),
+        "must be in (0, 1]"),
+    Row("search-global-per-model", lambda z, o: SY(z, o, "{}", mp="{weight: 1, lambda: "
+                                                   "{range: [0, 1]}}"), "global parameter"),
+    Row("search-fixed-key", lambda z, o: SY(z, o, LAM, extra="dtype: {choice: [float32, "
+                                            "bfloat16]}\n"), "takes one fixed value"),
+    Row("search-nothing", lambda z, o: SY(z, o, "{lambda: 1.0}"), "nothing to search"),
+    Row("search-unknown-key", lambda z, o: SY(z, o, "{lambda: {range: [0, 1], steps: 4}}"),
+        "unknown key `steps`"),
+    Row("search-log-zero", lambda z, o: SY(z, o, "{lambda: {range: [0, 1], log: true}}"),
+        "above 0"),
+    Row("search-weights-and-range", lambda z, o: SY(z, o, "{}", mp="{weight: {range: [0, 1]}}")
+        + ["--weights", "1"], "`--weights` fixes"),
+    Row("search-greedy", lambda z, o: SY(z, o, LAM, method="greedy_soup"), "greedy_soup"),
+    Row("search-adapter", lambda z, o: SY(z, o, LAM, models=z.ad), "PEFT adapter"),
+    Row("search-choices-bad", lambda z, o: SY(z, o, LAM) + ["--choices", z.choices_bad],
+        "line 1"),
+    Row("search-accuracy-no-choices", lambda z, o: SY(z, o, LAM) + ["--objective", "accuracy"],
+        "needs a multiple-choice"),
+    Row("search-unknown-objective", lambda z, o: SY(z, o, LAM) + ["--objective", "ppl"],
+        "`--objective`"),
+    Row("search-seq-beyond", lambda z, o: SY(z, o, LAM) + ["--seq-len", "4096"],
+        "maximum of 256"),
+    Row("search-unknown-domain", lambda z, o: SY(z, o, LAM) + ["--domains", "gamma"], "gamma",
+        fast=False),
+    Row("search-out-exists", lambda z, o: SY(z, o, LAM), "already exists", exists=True),
+    Row("search-resume-nothing", lambda z, o: SY(z, o, LAM) + ["--resume"],
+        "no search to resume"),
+    Row("search-interrupted", lambda z, o: SY(z, _log_beside(o, {"lmalloy_search": 1}), LAM),
+        "--resume to continue"),
+    Row("search-resume-other", lambda z, o: SY(z, _log_beside(o, {
+        "lmalloy_search": 1, "identity": {"method": "linear"}}), LAM) + ["--resume"],
+        "written for another search"),
+    Row("search-resume-damaged", lambda z, o: SY(z, _log_beside(o, {"x": 1}), LAM)
+        + ["--resume"], "not a `merge search` log"),
+    Row("search-unknown-optimizer", lambda z, o: SY(z, o, LAM) + ["--optimizer", "NGopt"],
+        "did you mean `NGOpt`", fast=False),
     Row("extract-shape", lambda z, o: [M, "extract-lora", z.wide, "--base-model", z.llama,
                                        "--rank", "2", "--out", o], "intermediate_size"),
     Row("extract-rank-huge", lambda z, o: [M, "extract-lora", z.llama2, "--base-model",
@@ -883,6 +952,7 @@ def test_the_suite_covers_every_command():
     prefix = {"data list": "data", "tokenizer": "tokenizer", "pretrain": "pretrain",
               "finetune": "finetune", "eval": "eval", "inspect": "inspect",
               "average": "average", "merge": "merge", "merge lorahub": "lorahub",
+              "merge search": "search",
               "merge extract-lora": "extract", "moe build": "moe", "moe analyze": "analyze",
               "proxy generate": "proxy", "proxy eval": "proxyeval", "reward data": "rdata",
               "reward train": "rtrain", "reward warm": "warm", "reward eval": "reval",

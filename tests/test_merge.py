@@ -14,15 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import assert_user_error, make_llama, run_cli
+from common import assert_user_error, make_finetunes, make_llama, run_cli
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("zoo")
-    base = make_llama(d / "base", tokenizer_dir, seed=0)
-    fts = [make_llama(d / f"ft{i}", tokenizer_dir, seed=i + 1, noise_from=base, noise=0.02)
-           for i in range(3)]
+    base, fts = make_finetunes(d, tokenizer_dir, 3)
     return {"dir": d, "base": base, "fts": fts}
 
 

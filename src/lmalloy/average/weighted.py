@@ -79,20 +79,38 @@ class Combination:
 
 
 class StateSink:
-    """A sink that assembles the averaged tensors in memory: `state[name] -> tensor`."""
+    """A sink that assembles the averaged tensors in memory: `state[name] -> tensor`.
 
-    def __init__(self):
+    With `targets` ({name: tensor}, e.g. a loaded model's parameters), a tensor of that name
+    is written into its target instead (cast to the target's dtype, as loading a written
+    folder casts it), so merging into a model needs no second copy of it."""
+
+    def __init__(self, targets: dict | None = None):
         self.state: dict = {}
+        self.targets = targets or {}
         self._cur = None
 
     def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         import torch
 
-        self._cur = (name, torch.empty(math.prod(shape), dtype=torch_dtype(dtype)), shape, 0)
+        t = self.targets.get(name)
+        if t is not None:
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"`{name}` is {list(shape)}, its target {list(t.shape)}")
+            buf = t.data.view(-1)
+        else:
+            buf = torch.empty(math.prod(shape), dtype=torch_dtype(dtype))
+        self._cur = (name, buf, shape, 0)
 
     def part(self, t) -> None:
+        import torch
+
         name, buf, shape, pos = self._cur
         n = t.numel()
+        # as ShardedWriter: no non-finite weight (a cast to a narrower dtype may overflow)
+        if t.is_floating_point() and n and not (bool(torch.isfinite(t.sum()))
+                                                or bool(torch.isfinite(t).all())):
+            raise UserError(f"tensor `{name}` contains NaN or Inf")
         buf[pos : pos + n].copy_(t.reshape(-1))
         self._cur = (name, buf, shape, pos + n)
 
@@ -100,6 +118,12 @@ class StateSink:
         name, buf, shape, _ = self._cur
         self.state[name] = buf.view(shape)
         self._cur = None
+
+    def write(self, name: str, t) -> None:
+        """A whole tensor (the interface of `ShardedWriter.write`)."""
+        self.begin(name, name_to_st(t.dtype), tuple(t.shape))
+        self.part(t)
+        self.end()
 
 
 def plan(ref, names: Sequence[str] | None = None, out_dtype: str | None = None

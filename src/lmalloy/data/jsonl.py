@@ -59,3 +59,22 @@ def line_number(path: Path, offset: int) -> int:
             n += block.count(b"\n")
             offset -= len(block)
     return n
+
+
+def read_choices(path: str | Path) -> list[dict]:
+    """Multiple-choice items, one a line: {"context": str, "choices": [str, ...], "answer":
+    index of the right choice} (`proxy eval --choices`, `merge search --choices`)."""
+    items = []
+    for n, it in iter_jsonl(path, "choices file"):
+        ok = (isinstance(it, dict) and isinstance(it.get("context"), str)
+              and isinstance(it.get("choices"), list) and len(it["choices"]) >= 2
+              and all(isinstance(c, str) for c in it["choices"])
+              and isinstance(it.get("answer"), int) and not isinstance(it["answer"], bool)
+              and 0 <= it["answer"] < len(it["choices"]))
+        if not ok:
+            raise UserError(f"{path} line {n}: expected {{\"context\": str, \"choices\": [2 or "
+                            "more str], \"answer\": index}}")
+        items.append(it)
+    if not items:
+        raise UserError(f"{path}: no items (the file is empty)")
+    return items

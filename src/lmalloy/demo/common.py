@@ -44,19 +44,17 @@ def evaluate_models(models: dict[str, str], data: Heldout, seq_len: int, eval_to
     domain evaluated alone on up to `eval_tokens` tokens (no "all").
     """
     from lmalloy.io.models import load_causal_lm
-    from lmalloy.train.heldout import evaluate
-
-    def ev(model, spans: dict) -> dict:
-        return evaluate(model, data.tokens, spans, seq_len, eval_tokens, data.token_bytes,
-                        batch_size=8)
+    from lmalloy.train.heldout import evaluate, evaluate_domains
 
     out = {}
     for name, path in models.items():
         model = load_causal_lm(path)
         if per_domain:
-            out[name] = {d: ev(model, {d: span}) for d, span in data.spans.items()}
+            out[name] = evaluate_domains(model, data.tokens, data.spans, seq_len, eval_tokens,
+                                         data.token_bytes)
         else:
-            r = ev(model, data.spans)
+            r = evaluate(model, data.tokens, data.spans, seq_len, eval_tokens,
+                         data.token_bytes)
             out[name] = {"all": r, **r["domains"]}
         del model
     return out

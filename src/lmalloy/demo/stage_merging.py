@@ -4,20 +4,24 @@ Model soups (Wortsman et al. 2022), task arithmetic (Ilharco et al. 2022) and TI
 et al. 2023) claim that fine-tunes of one base can be combined by weight arithmetic. This
 stage fine-tunes the pretrained base on three standard-library domains held out of
 pretraining (email, json, http), merges the three experts by uniform soup, task arithmetic
-(a small λ sweep), TIES and greedy soup, and tabulates each domain's held-out perplexity:
-does one merged model keep most of each expert's gain over the base? The MoE and proxy
-stages reuse these experts (numbers["experts"]).
+(a small λ sweep), TIES and greedy soup — the hand-picked merges — and by `lmalloy merge
+search` (task arithmetic's three weights chosen by nevergrad on the mean held-out loss), and
+tabulates each domain's held-out perplexity: does one merged model keep most of each
+expert's gain over the base, and does the search find a merge at least as good as the best
+hand-picked one? The MoE and proxy stages reuse these experts (numbers["experts"]).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import yaml
 
 TITLE = "Merging: does one merged model keep most of each domain expert's gain?"
+SEARCH_BUDGET = (10, 40)  # evaluations: quick, full
 
 
 def settings(ctx, seq_len: int) -> dict:
@@ -112,6 +116,65 @@ def _merge_all(ctx, base: str, experts: dict[str, str], s: dict, work: Path,
     return merges
 
 
+def _search(ctx, base: str, experts: dict[str, str], s: dict, work: Path,
+            eval_tokens: int) -> tuple[str, str, dict]:
+    """(row name, HF folder, numbers) of `lmalloy merge search`: task arithmetic (λ = 1) with
+    each expert's weight in [0, 1], started at the base (every weight 0, not at a hand-picked
+    merge), scored as the table scores (each domain's held-out loss on up to `eval_tokens`
+    tokens, averaged over the three)."""
+    from lmalloy.merge.search import best_of, read_log
+
+    budget = ctx.pick(*SEARCH_BUDGET)
+    out = work / "merged-search"
+    t0 = time.perf_counter()
+    weight = {"range": [0.0, 1.0], "init": 0.0}
+    ctx.call("merge search", method="task_arithmetic", base_model=base,
+             models=[{"model": ft, "parameters": {"weight": weight}} for ft in experts.values()],
+             parameters={"lambda": 1.0},
+             objective="mean-domain-loss", budget=budget, data=s["data"],
+             domains=list(experts), max_chars_per_domain=s["max_chars_per_domain"],
+             val_fraction=s["val_fraction"], split_seed=s["seed"], seq_len=s["seq_len"],
+             eval_tokens=eval_tokens, out=str(out), overwrite=True, progress=False,
+             threads=ctx.threads)
+    seconds = time.perf_counter() - t0
+    records = read_log(out / "search.jsonl")[1]
+    best = best_of(records)
+    info = {"budget": budget, "evaluations": len(records), "seconds": round(seconds, 1),
+            "best_evaluation": best["eval"], "mean_loss": best["value"],
+            "scores": [r.get("value") for r in records],  # None: infeasible
+            "candidate_seconds": [round(r["merge_s"] + r["eval_s"], 2) for r in records],
+            "weights": {d: best["params"][f"models[{i}].weight"]
+                        for i, d in enumerate(experts)}}
+    return f"search (task arithmetic weights, {budget} evaluations)", str(out), info
+
+
+def _search_verdict(losses: dict, hand: list[str], name: str, info: dict) -> tuple[list, dict]:
+    """(markdown lines, numbers) comparing the search with the best hand-picked merge."""
+    from lmalloy.merge.search import duration
+
+    mean = {n: sum(r.values()) / len(r) for n, r in losses.items()}
+    top = min(hand, key=lambda n: mean[n])
+    ok = mean[name] <= mean[top] + 1e-9
+    # the first evaluation at least as good as the best hand-picked merge, and when
+    reached = next((i for i, v in enumerate(info["scores"]) if v is not None
+                    and v <= mean[top] + 1e-9), None)
+    w = ", ".join(f"{d} {v:.2f}" for d, v in info["weights"].items())
+    md = [f"`lmalloy merge search` chose the three weights of task arithmetic (λ = 1, each "
+          f"weight in [0, 1]) with nevergrad's NGOpt, scoring each candidate by the table's "
+          f"mean loss (on the split it is reported on, as greedy soup), starting from the base "
+          f"(every weight 0): {info['evaluations']} evaluations in "
+          f"{duration(info['seconds'])} found weights {w} (at evaluation "
+          f"{info['best_evaluation']}), mean loss {mean[name]:.4f} against "
+          f"{mean[top]:.4f} for the best hand-picked merge, {top}: "
+          + (f"at least as good, from evaluation {reached + 1} on (after "
+             f"{duration(sum(info['candidate_seconds'][: reached + 1]))} of merging and "
+             "scoring)." if ok and reached is not None else "at least as good." if ok
+             else "worse.")]
+    return md, {**info, "best_hand_picked": top, "best_hand_picked_mean_loss": mean[top],
+                "mean_loss_reported": mean[name], "at_least_as_good": ok,
+                "reached_at_evaluation": None if reached is None else reached + 1}
+
+
 def gain_kept(losses: dict[str, dict[str, float]], merges, domains: list[str]
               ) -> dict[str, dict[str, float]]:
     """(base loss − merge loss) / (base loss − expert loss) per merge, on each expert's own
@@ -194,7 +257,9 @@ def run(ctx) -> dict:
     eval_tokens = ctx.pick(1024, 8192)
     experts = _finetune_experts(ctx, base, s, work)
     merges = _merge_all(ctx, base, experts, s, work, eval_tokens)
+    hand = list(merges)
     chosen_domains = greedy_choice(Path(merges["greedy soup"]), experts)
+    search_name, merges[search_name], search = _search(ctx, base, experts, s, work, eval_tokens)
 
     models = {"base": base, **{f"expert {d}": experts[d] for d in EXPERT_DOMAINS}, **merges}
     losses = _eval_all(models, pre["tokenizer"], s, EXPERT_DOMAINS, eval_tokens)
@@ -202,13 +267,14 @@ def run(ctx) -> dict:
     img = ctx.dir("figures") / "merging_losses.png"
     _plot(losses, EXPERT_DOMAINS, img)
     verdict, best, most = _verdict(losses, gains, merges)
+    search_md, search = _search_verdict(losses, hand, search_name, search)
     md = [*_table(s, losses, gains, eval_tokens),
           "", f"![losses per domain](figures/{img.name})", "",
           f"Greedy soup kept the experts for: {', '.join(chosen_domains)} (selected on the "
           f"same held-out split it is reported on, so its row is slightly optimistic).", "",
-          *verdict]
+          *search_md, "", *verdict]
     return {"markdown": "\n".join(md), "numbers": {
         "base": base, "tokenizer": pre["tokenizer"], "experts": experts, "merges": merges,
         "seq_len": s["seq_len"], "losses": losses, "gain_kept": gains, "best_merge": best,
-        "greedy_soup_chose": chosen_domains, "keeps_most": most,
+        "greedy_soup_chose": chosen_domains, "search": search, "keeps_most": most,
         "finetune": json.loads(json.dumps(s))}}

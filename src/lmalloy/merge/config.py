@@ -1,4 +1,5 @@
-"""Configs of `lmalloy merge` and `merge lorahub` (pydantic only: cheap to import).
+"""Configs of `lmalloy merge`, `merge search`, `merge lorahub` and `merge extract-lora`
+(pydantic only: cheap to import).
 
 lmalloy's merge YAML has the shape of mergekit's, so one file works in both tools for the
 methods they share:
@@ -166,12 +167,16 @@ class MergeConfig(DataFields):
                                 "more help only on idle cores); torch runs one thread, "
                                 "reading and writing one each")
     # greedy_soup: held-out data (the DataFields above choose the corpus)
-    seq_len: int = Field(256, gt=1, description="greedy_soup: evaluation window")
-    eval_tokens: int = Field(65536, gt=0, description="greedy_soup: held-out tokens per model")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="greedy_soup: as in training")
-    eval_split: Literal["val", "train"] = Field("val", description="greedy_soup: split scored")
-    split_seed: int = Field(0, description="greedy_soup: the training run's --seed (it "
-                            "chose which documents are held out)")
+    seq_len: int = Field(256, gt=1, description="greedy_soup, merge search: evaluation "
+                         "window")
+    eval_tokens: int = Field(65536, gt=0, description="greedy_soup, merge search: held-out "
+                             "tokens per model (merge search's mean-domain-loss: per domain)")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="greedy_soup, merge search: as "
+                                "in training")
+    eval_split: Literal["val", "train"] = Field("val", description="greedy_soup, merge search: "
+                                                "split scored")
+    split_seed: int = Field(0, description="greedy_soup, merge search: the training run's "
+                            "--seed (it chose which documents are held out)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -216,13 +221,8 @@ class MergeConfig(DataFields):
                              f"from: {', '.join(names)}")
         return v
 
-    @model_validator(mode="after")
-    def _check(self):
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("give the models to merge (`models`, --models) or, in the YAML, "
-                             "`slices` of their layers; not both" if self.models else
-                             "no models to merge: give `models` (--models) or, in the YAML, "
-                             "`slices`")
+    def _apply_weights(self) -> None:
+        """`--weights` into each model's `weight` parameter."""
         if self.slices and self.weights is not None:
             raise ValueError("`--weights` sets the weights of `models`; with `slices`, set "
                              "each source's `weight` parameter")
@@ -235,17 +235,31 @@ class MergeConfig(DataFields):
                     raise ValueError(f"`--weights` must be finite numbers, got {w}")
                 m.parameters["weight"] = w
             self.weights = None
-        for name, value in self.parameters.items():
+
+    @staticmethod
+    def check_values(parameters: dict, models: list, slices: list | None = None) -> None:
+        """Every parameter value's structure (numbers, gradients, filter lists)."""
+        for name, value in parameters.items():
             _check_plain("", name, value)
-        for m in self.models:
+        for m in models:
             for name, value in m.parameters.items():
                 _check_plain(f" of {m.model}", name, value)
-        for i, sl in enumerate(self.slices or []):
+        for i, sl in enumerate(slices or []):
             for name, value in sl.parameters.items():
                 _check_plain(f" of slice {i}", name, value)
             for src in sl.sources:
                 for name, value in src.parameters.items():
                     _check_plain(f" of {src.model} in slice {i}", name, value)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give the models to merge (`models`, --models) or, in the YAML, "
+                             "`slices` of their layers; not both" if self.models else
+                             "no models to merge: give `models` (--models) or, in the YAML, "
+                             "`slices`")
+        self._apply_weights()
+        self.check_values(self.parameters, self.models, self.slices)
         return self
 
     @classmethod
@@ -282,6 +296,101 @@ class MergeConfig(DataFields):
                                 "0.1.5 accepts it but never uses it)")
         data.pop("name", None)  # mergekit's label of one document of a multi-stage merge
         return data
+
+
+OBJECTIVES = ("loss", "mean-domain-loss", "accuracy", "accuracy-norm")
+
+
+class SearchConfig(MergeConfig):
+    """`lmalloy merge search`: the merge YAML, any parameter of which may be a range or a
+    choice (`lmalloy.merge.space`), and how candidates are scored and searched."""
+
+    out: str = Field("runs/merge-search", description="output folder: the best merge (an HF "
+                     "model) with merge.yaml, search.jsonl and search.png", **also("output"))
+    objective: Literal[OBJECTIVES] | None = Field(  # type: ignore[valid-type]
+        None, description="what is optimised on held-out data: `loss` (all tokens of the "
+        "corpus/domains pooled), `mean-domain-loss` (each domain's loss on up to "
+        "--eval-tokens of its own, averaged: every domain counts alike), `accuracy` / "
+        "`accuracy-norm` on --choices (choices ranked by summed / per-token log-likelihood; "
+        "maximised); default: accuracy with --choices, mean-domain-loss with --domains, "
+        "else loss")
+    choices: str | None = Field(None, description="multiple-choice JSONL: {\"context\", "
+                                "\"choices\": [...], \"answer\": index} per line")
+    budget: int = Field(40, gt=0, description="candidate merges to evaluate, those in a "
+                        "resumed search's log included")
+    optimizer: str = Field("NGOpt", description="nevergrad optimizer: NGOpt picks one by "
+                           "budget and space; CMA, TwoPointsDE, Cobyla, RandomSearch, ...")
+    search_seed: int = Field(0, description="the optimizer's seed (`--seed` is the merge's: "
+                             "DARE's drops)")
+    resume: bool = Field(False, description="continue the search whose log a killed run left "
+                         "beside --out (or, with --overwrite, the log of a finished --out); "
+                         "logged candidates are told to the optimizer, not evaluated again")
+    in_memory: bool | None = Field(None, description="merge each candidate straight into the "
+                                   "loaded model's weights (default: when its tensors match "
+                                   "the merged ones by name and shape); --no-in-memory writes "
+                                   "each into a reused scratch folder beside --out")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads for evaluating "
+                                "(default: torch's choice); merges run torch on one thread and "
+                                "TIES' chunks on this many workers",
+                                json_schema_extra={"torch_threads": True})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed(cls, data):
+        from lmalloy.merge.space import fixed_fields
+
+        if isinstance(data, dict):
+            fixed_fields(data)
+        return data
+
+    @property
+    def variables(self) -> list:
+        from lmalloy.merge.space import find_variables
+
+        return find_variables(self.parameters, [m.model_dump() for m in self.models])
+
+    def concrete(self, values: dict) -> tuple[dict, list[ModelEntry]]:
+        """(parameters, models) with the search values replaced by `values` {path: value}."""
+        from lmalloy.merge.space import substitute
+
+        params, models = substitute(self.parameters, [m.model_dump() for m in self.models],
+                                    self.variables, values)
+        return params, [ModelEntry(**m) for m in models]
+
+    @model_validator(mode="after")
+    def _check(self):
+        from lmalloy.merge.space import is_search_value
+
+        if self.slices:
+            raise ValueError("`merge search` searches a `models:` merge's parameters; `slices` "
+                             "are not searched")
+        if self.weights is not None and any(is_search_value(m.parameters.get("weight"))
+                                            for m in self.models):
+            raise ValueError("`--weights` fixes every model's weight, but a model's `weight` "
+                             "is a range or choice; give one or the other")
+        self._apply_weights()
+        if self.method == "greedy_soup":
+            raise ValueError("`merge search` does not search greedy_soup (it picks its models "
+                             "itself); search `linear` weights instead")
+        if self.method in LORA_METHODS:
+            raise ValueError(f"`merge search` merges full models; `{self.method}` is for PEFT "
+                             "adapters")
+        variables = self.variables
+        if not variables:
+            raise ValueError("nothing to search: no parameter is a range or a choice (e.g. "
+                             "`weight: {range: [0, 1]}`)")
+        self.check_values(*self.concrete({v.path: v.start for v in variables}))
+        accuracy = self.objective in ("accuracy", "accuracy-norm")
+        if self.choices is not None and self.objective in ("loss", "mean-domain-loss"):
+            raise ValueError(f"`--objective {self.objective}` scores held-out text, not "
+                             "--choices; drop one")
+        if accuracy and self.choices is None:
+            raise ValueError(f"`--objective {self.objective}` needs a multiple-choice JSONL "
+                             "(--choices)")
+        if self.objective is None:
+            self.objective = ("accuracy" if self.choices else
+                              "mean-domain-loss" if self.domains else "loss")
+        return self
 
 
 class LorahubConfig(DataFields):

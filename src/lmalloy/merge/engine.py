@@ -51,8 +51,11 @@ def _write_meta(p: Plan, tmp: Path) -> None:
             f"`lmalloy merge merge_config.yaml --out DIR` repeats it"]
     head += [f"# {x}" for x in p.notes]
     (tmp / "merge_config.yaml").write_text("\n".join(head) + "\n" + p.cfg.to_yaml())
-    for name, text in p.files.items():
-        (tmp / name).write_text(text)
+    for name, data in p.files.items():  # text, or bytes (an image)
+        if isinstance(data, bytes):
+            (tmp / name).write_bytes(data)
+        else:
+            (tmp / name).write_text(data)
 
 
 def _out_config(p: Plan) -> dict:
@@ -182,6 +185,19 @@ def write_tensors(p: Plan, writer, bar=None) -> None:
         write_tensorwise(p, writer, bar)
 
 
+def merge_into(p: Plan, sink) -> None:
+    """The merge of a plan into an in-memory sink (`StateSink`), by the same code that
+    writes a folder; torch on one thread, the inputs closed afterwards."""
+    from lmalloy.average.weighted import one_torch_thread
+
+    try:
+        with one_torch_thread():
+            write_tensors(p, sink)
+    finally:
+        for f in p.inputs:
+            f.close()
+
+
 def execute(p) -> None:
     """Write a `Plan` (or a `StackPlan`: its slices' plans one after another) to its output
     folder, atomically."""
@@ -222,7 +238,7 @@ def merge(cfg: MergeConfig) -> Path:
         raise UserError(f"`{cfg.method}` merges PEFT adapter folders (adapter_config.json); "
                         f"{cfg.models[0].model} is a full model")
     notes: list[str] = []
-    files: dict[str, str] = {}
+    files: dict[str, str | bytes] = {}
     if cfg.method == "greedy_soup":
         from lmalloy.merge.greedy import greedy_select
 

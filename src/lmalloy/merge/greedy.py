@@ -18,7 +18,9 @@ from pathlib import Path
 from lmalloy.errors import UserError
 
 
-def _heldout(cfg):
+def heldout_tokens(cfg) -> tuple:
+    """(val or train tokens, {domain: span}, UTF-8 bytes per token) of the corpus the config
+    chooses, split as training splits it, packed once into the shared cache."""
     from lmalloy.data.cache import packed
     from lmalloy.data.corpus import corpus_from
     from lmalloy.data.pack import load_tokens
@@ -39,7 +41,7 @@ def greedy_select(cfg) -> tuple:
     from lmalloy.io.models import load_causal_lm
     from lmalloy.train.heldout import evaluate
 
-    tokens, spans, tb = _heldout(cfg)
+    tokens, spans, tb = heldout_tokens(cfg)
     folders = {m.model: open_model(m.model) for m in cfg.models}
 
     def score(members: list) -> float:

@@ -350,11 +350,9 @@ def compose_linear(adapters: list[Adapter], w) -> dict:
 
 def lorahub_main(cfg) -> int:
     """`lmalloy merge lorahub`: learn adapter weights from a few examples, write the adapter."""
-    try:
-        import nevergrad as ng
-    except ImportError:
-        raise UserError("`merge lorahub` needs nevergrad: pip install 'lmalloy[lorahub]'"
-                        ) from None
+    from lmalloy.merge.optimizer import nevergrad, optimizer, quiet
+
+    ng = nevergrad("merge lorahub")
     import numpy as np
     import torch
 
@@ -398,10 +396,10 @@ def lorahub_main(cfg) -> int:
 
     k = len(adapters)
     param = ng.p.Array(init=np.zeros(k), lower=-cfg.bound, upper=cfg.bound)
-    opt = ng.optimizers.NGOpt(parametrization=param, budget=cfg.budget)
-    opt.parametrization.random_state = np.random.RandomState(cfg.seed)
+    opt = optimizer(ng, param, cfg.budget, "NGOpt", cfg.seed)
     zero = loss_of(np.zeros(k))
-    rec = opt.minimize(loss_of)
+    with quiet():
+        rec = opt.minimize(loss_of)
     w = [float(x) for x in rec.value]
     best = loss_of(np.array(w))
     mods = compose_linear(adapters, w)

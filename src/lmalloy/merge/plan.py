@@ -54,7 +54,7 @@ class Plan:
     output: Path
     vocab: Any = None  # lmalloy.merge.vocab.VocabPlan when the tokenizers differ
     notes: list[str] = field(default_factory=list)  # lines for merge_config.yaml
-    files: dict[str, str] = field(default_factory=dict)  # more files for the output folder
+    files: dict[str, str | bytes] = field(default_factory=dict)  # more output files
 
     @property
     def inputs(self) -> list:

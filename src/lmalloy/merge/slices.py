@@ -55,7 +55,7 @@ class StackPlan:
     output: Path
     inputs: list  # every opened folder
     notes: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str | bytes] = field(default_factory=dict)
     vocab: Any = None  # one tokenizer throughout (no re-indexing with slices)
 
     @property

@@ -390,22 +390,13 @@ class ProxyTuned:
     def choose(self, items: Sequence[dict], batch_size: int = 8, normalize: bool = False,
                alphas: Sequence[float] | None = None) -> dict:
         """Multiple choice by log-likelihood ranking. items: {"context", "choices": [..],
-        "answer": index}. Returns {"accuracy", "predictions"}; `normalize` ranks by the mean
-        log-probability per token instead of the sum."""
-        ctxs, conts, owner = [], [], []
-        for k, it in enumerate(items):
-            for ch in it["choices"]:
-                ctxs.append(it["context"])
-                conts.append(ch)
-                owner.append(k)
-        scores = self.score(ctxs, conts, batch_size, alphas)
-        best: dict[int, list[float]] = {}
-        for k, sc in zip(owner, scores, strict=True):
-            v = sc["logprob"] / max(sc["tokens"], 1) if normalize else sc["logprob"]
-            best.setdefault(k, []).append(v)
-        preds = [max(range(len(v)), key=v.__getitem__) for _, v in sorted(best.items())]
-        acc = sum(p == it["answer"] for p, it in zip(preds, items, strict=True)) / len(items)
-        return {"accuracy": acc, "predictions": preds}
+        "answer": index}. Returns `lmalloy.train.heldout.rank_choices`' {"accuracy",
+        "predictions", ...}; `normalize` ranks by the mean log-probability per token."""
+        from lmalloy.train.heldout import rank_choices
+
+        ctxs = [it["context"] for it in items for _ in it["choices"]]
+        conts = [ch for it in items for ch in it["choices"]]
+        return rank_choices(items, self.score(ctxs, conts, batch_size, alphas), normalize)
 
     # ------------------------------------------------------------ generation
 

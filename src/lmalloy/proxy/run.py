@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from lmalloy.data.jsonl import iter_jsonl
+from lmalloy.data.jsonl import iter_jsonl, read_choices
 from lmalloy.errors import UserError
 
 
@@ -30,23 +30,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise UserError(f"{path}: no prompts (the file is empty)")
     return prompts
-
-
-def read_choices(path: str) -> list[dict]:
-    """Multiple-choice items: {"context": str, "choices": [str, ...], "answer": int}."""
-    items = []
-    for n, it in iter_jsonl(path, "choices file"):
-        ok = (isinstance(it, dict) and isinstance(it.get("context"), str)
-              and isinstance(it.get("choices"), list) and len(it["choices"]) >= 2
-              and all(isinstance(c, str) for c in it["choices"])
-              and isinstance(it.get("answer"), int) and 0 <= it["answer"] < len(it["choices"]))
-        if not ok:
-            raise UserError(f"{path} line {n}: expected {{\"context\": str, \"choices\": [2 or "
-                            "more str], \"answer\": index}}")
-        items.append(it)
-    if not items:
-        raise UserError(f"{path}: no items (the file is empty)")
-    return items
 
 
 def _load(cfg, prompts=()):
