@@ -7,6 +7,7 @@ arithmetic itself: which entries are kept, the weights, the quantiles, the itera
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -376,6 +377,8 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_ties_equals_eager():
     """The fused kernel computes eager TIES's arithmetic: within an ulp (FMA contraction),
     NaN inputs reported."""
