@@ -86,12 +86,14 @@ def _wait_for_tmp(p, watch: Path) -> None:
 
 def _kill_at_random(ctx, args: list[str], watch: Path, rng: random.Random, window: float,
                     env: dict | None = None) -> bool:
-    """Run `lmalloy args` and SIGKILL it a random delay in [0, window] after its temporary
-    output appears in `watch`; True if it was killed mid-run."""
+    """Run `lmalloy args` and SIGKILL it a random delay in [0, 0.6·window] after its
+    temporary output appears in `watch`; True if it was killed mid-run. (`window` is one
+    measured run's; the 0.6 keeps most kills inside a run that a loaded machine makes
+    faster or slower than that one.)"""
     p = ctx.Process(target=_child, args=(args, env or {}))
     p.start()
     _wait_for_tmp(p, watch)
-    time.sleep(rng.uniform(0, window))
+    time.sleep(rng.uniform(0, 0.6 * window))
     alive = p.is_alive()
     p.kill()
     p.join()
