@@ -1,4 +1,7 @@
-"""pretrain / finetune / eval: HF output, exact resume after SIGKILL, DDP, bad inputs."""
+"""pretrain / finetune / eval: HF output, exact resume after SIGKILL, bad inputs.
+
+More than one process (DDP, FSDP2, two nodes) is test_train_dist.py.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from common import assert_user_error, run_cli
-
-FAST = ["--preset", "tiny", "--domains", "json", "--seq-len", "32", "--global-batch-tokens",
-        "256", "--micro-batch-size", "4", "--lr", "3e-3", "--eval-tokens", "2048",
-        "--no-progress", "--threads", "1", "--log-every", "1"]
-
-
-def pretrain_args(out: Path, tok: Path, *extra: str) -> list[str]:
-    return ["pretrain", *FAST, "--tokenizer", str(tok), "--out", str(out), *extra]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "model.safetensors")
+from common import assert_user_error, pretrain_args, run_cli, weights
 
 
 @pytest.fixture(scope="module")
@@ -208,35 +196,6 @@ def test_finetune_refuses_pickle(capsys, tmp_path, run6):
     torch.save(weights(run6 / "final"), pk / "pytorch_model.bin")
     assert_user_error(capsys, "finetune", "--init-from", pk, "--out", tmp_path / "o",
                       match="--allow-pickle")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tokenizer_dir, strategy):
-    """A real 2-process torchrun (gloo) gives the single process's loss curve."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = pretrain_args(tmp_path / "x", tokenizer_dir, "--max-steps", "4",
-                           "--eval-every", "4", "--micro-batch-size", "2")
-    one = [a if a != str(tmp_path / "x") else str(tmp_path / "one") for a in common]
-    two = [a if a != str(tmp_path / "x") else str(tmp_path / "two") for a in common]
-    subprocess.run([sys.executable, "-m", "lmalloy", *one], env=env, check=True,
-                   stderr=subprocess.DEVNULL)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "-m", "lmalloy", *two, "--distributed",
-                        strategy], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-
-    def losses(p):
-        return [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()
-                if '"loss"' in x and '"eval"' not in x]
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 4
-    assert a == pytest.approx(b, rel=1e-4)
-    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
 
 
 def test_presets_sizes_and_tinyllama_exact():
