@@ -216,3 +216,40 @@ def test_presets_sizes_and_tinyllama_exact():
     cfg = model_kwargs("tinyllama-1.1b", 32000)
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["intermediate_size"]) == (22, 2048, 32, 4, 5632)
+
+
+def test_weights_are_gathered_one_layer_at_a_time(tmp_path):
+    """`write_weights` asks for one decoder layer's tensors at a time and lets them go
+    before the next: rank 0 of a sharded run holds one layer in full beside its shard,
+    never the model (one extra tensor at the most: the last written). The folder holds
+    the model's tensors under transformers' saved names (the tied head left out)."""
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmalloy.train.checkpoint import layer_groups, write_weights
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=6, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    sd = model.state_dict()
+    live: set[str] = set()
+    peak = 0
+
+    def fetch(k: str) -> torch.Tensor:
+        nonlocal peak
+        t = sd[k].clone()
+        live.add(k)
+        weakref.finalize(t, live.discard, k)
+        peak = max(peak, sum(sd[n].numel() for n in live))
+        return t
+
+    write_weights(tmp_path, model, fetch)
+    groups = layer_groups(list(sd))
+    assert len(groups) == 7
+    biggest = max(sum(sd[k].numel() for k in g) for g in groups)
+    assert peak <= biggest + max(v.numel() for v in sd.values())
+    assert peak < sum(v.numel() for v in sd.values()) / 3
+    got = weights(tmp_path)
+    assert "lm_head.weight" not in got and got.keys() == sd.keys() - {"lm_head.weight"}
+    assert all(torch.equal(got[k], sd[k]) for k in got)
