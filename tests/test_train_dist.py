@@ -246,15 +246,24 @@ def test_lawa_disk_parts_refuse_another_number_of_processes(runs, tmp_path, caps
     assert (out / "metrics.jsonl").read_text() == metrics
 
 
-def test_a_rendezvous_that_never_completes_ends_within_its_timeout(tokenizer_dir, tmp_path):
-    """One node of `--nnodes 2` alone: torchrun gives up after `--rdzv-conf join_timeout`
-    (3 s here; 600 s by default) and lmalloy never starts."""
-    out = tmp_path / "alone"
-    cmd = torchrun(_args(out, tokenizer_dir), node=0, port=_free_port())
-    cmd.insert(cmd.index("-m", 3), "--rdzv-conf=join_timeout=3")
+@pytest.mark.parametrize("nnodes", [(2,), (2, 3)], ids=["one-node-of-two", "nnodes-mismatch"])
+def test_a_rendezvous_that_never_completes_ends_within_its_timeout(tokenizer_dir, tmp_path,
+                                                                   nnodes):
+    """One node of `--nnodes 2` alone, or two nodes that disagree on `--nnodes`: torchrun
+    gives up after `--rdzv-conf join_timeout` (3 s here; 600 s by default) on every node,
+    and lmalloy never starts."""
+    out, port = tmp_path / "alone", _free_port()
+    cmds = []
+    for rank, n in enumerate(nnodes):
+        cmd = torchrun(_args(out, tokenizer_dir), node=rank, port=port)
+        cmd[cmd.index("--nnodes") + 1] = str(n)
+        cmd.insert(cmd.index("-m", 3), "--rdzv-conf=join_timeout=3")
+        cmds.append(cmd)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "RendezvousTimeoutError" in r.stderr
+    procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for c in cmds]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
     assert time.perf_counter() - t0 < 30
+    assert all(p.returncode != 0 for p in procs)
+    assert "RendezvousTimeoutError" in errs[0]
     assert not out.exists()
