@@ -109,6 +109,7 @@ class _Averager:
         self.model = model
         self.names = [n for n, _ in model.named_parameters()]
         self.local = local or (lambda p: p)
+        self.sharded = local is not None
         self.step = 0
         self._cache: tuple[nn.Module, list[torch.Tensor]] | None = None
 
@@ -136,6 +137,9 @@ class _Averager:
         from `tokenizer` if given), atomically."""
         from lmalloy.io.writer import atomic_output, copy_aux_files, write_state_dict
 
+        if self.sharded:
+            raise ValueError(f"{self.kind}: this process holds only its part of the average "
+                             "(`local`); the trainer gathers the parts to write them")
         avg = self.average()
         if avg is None:
             raise ValueError(f"{self.kind}: nothing averaged yet (step {self.step})")
@@ -373,8 +377,8 @@ class Averaging:
                              sw.anneal, sw.anneal_steps)
 
     def on_train_start(self, trainer) -> None:
-        model, local = trainer.model, trainer.shards.local
         self.world = trainer.dist.world
+        model, local = trainer.model, trainer.shards.local if self.world > 1 else None
         for name in self.names:
             st = self.settings[name]
             if name == "ema":
