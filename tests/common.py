@@ -84,6 +84,23 @@ def make_adapter(path: Path, base: Path, r: int, alpha: float, seed: int,
     return path
 
 
+# a tiny pretraining run that takes seconds (the training tests build on it)
+FAST = ["--preset", "tiny", "--domains", "json", "--seq-len", "32", "--global-batch-tokens",
+        "256", "--micro-batch-size", "4", "--lr", "3e-3", "--eval-tokens", "2048",
+        "--no-progress", "--threads", "1", "--log-every", "1"]
+
+
+def pretrain_args(out: Path, tok: Path, *extra: str) -> list[str]:
+    return ["pretrain", *FAST, "--tokenizer", str(tok), "--out", str(out), *extra]
+
+
+def weights(folder: Path) -> dict:
+    """{name: tensor} of an HF folder's single model.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run `lmalloy ARGS` in-process; returns (exit code, stdout, stderr)."""
     from lmalloy.cli import main

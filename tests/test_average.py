@@ -219,8 +219,10 @@ def test_resume_restores_averagers_exactly(run_a, tmp_path, tokenizer_dir, capsy
         assert got.keys() == want.keys()
         for n in want:
             assert torch.equal(got[n], want[n]), (name, n)
-    sa = torch.load(run_a / "checkpoints/step-000008/trainer_state.pt", weights_only=True)
-    sb = torch.load(b / "checkpoints/step-000008/trainer_state.pt", weights_only=True)
+    from lmalloy.train.checkpoint import read_state
+
+    sa = read_state(run_a / "checkpoints/step-000008")
+    sb = read_state(b / "checkpoints/step-000008")
     for name in ("EMA", "SWA"):
         key = name.lower()
         tensors = sa["callbacks"]["Averaging"][key]
@@ -235,8 +237,9 @@ def test_bf16_training_keeps_fp32_shadows(tmp_path, tokenizer_dir, capsys):
     rc, _, err = run_cli(capsys, *TRAIN, "--tokenizer", tokenizer_dir, "--precision", "bf16",
                          "--max-steps", "4", "--out", out)
     assert rc == 0, err
-    st = torch.load(out / "checkpoints/step-000004/trainer_state.pt", weights_only=True)
-    cb = st["callbacks"]["Averaging"]
+    from lmalloy.train.checkpoint import read_state
+
+    cb = read_state(out / "checkpoints/step-000004")["callbacks"]["Averaging"]
     assert {v.dtype for v in cb["ema"]["shadow"].values()} == {torch.float32}
     assert {v.dtype for s in cb["lawa"]["snapshots"] for v in s.values()} == {torch.float32}
 

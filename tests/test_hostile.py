@@ -34,6 +34,7 @@ class Row:
     match: str
     fast: bool = True
     exists: bool = False  # the output exists beforehand (a folder, or a file if it has a dot)
+    env: dict | None = None  # environment variables set for the row (e.g. torchrun's)
 
 
 def _edit_config(src: Path, dst: Path, **changes) -> Path:
@@ -324,6 +325,13 @@ ROWS: list[Row] = [
     Row("pretrain-zero-epochs", lambda z, o: P(z, epochs=0, out=o), "`--epochs`"),
     Row("pretrain-fsdp-without-torchrun", lambda z, o: P(z, distributed="fsdp", out=o),
         "torchrun"),
+    Row("pretrain-dist-timeout-zero", lambda z, o: P(z, dist_timeout=0, out=o),
+        "`--dist-timeout`"),
+    # torchrun's variables for rank 0 of 2, the other never coming (port 0: any free one)
+    Row("pretrain-process-group-never-forms", lambda z, o: P(z, dist_timeout=1, out=o),
+        "did not form within --dist-timeout 1 s", fast=False,
+        env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": "0"}),
     Row("pretrain-corpus-too-small", lambda z, o: P(z, seq_len=1000, global_batch_tokens=4000,
                                                     domains="alpha", out=o)
         + ["--max-chars-per-domain", "50"],
@@ -915,8 +923,10 @@ def _snapshot(p: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_bad_input(row: Row, zoo: Zoo, tmp_path, capsys):
+def test_bad_input(row: Row, zoo: Zoo, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    for k, v in (row.env or {}).items():
+        monkeypatch.setenv(k, v)
     args = [str(a) for a in row.args(zoo, out)]
     target = next((Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--out"), out)
     if row.exists:  # something the user already has there

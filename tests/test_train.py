@@ -1,4 +1,7 @@
-"""pretrain / finetune / eval: HF output, exact resume after SIGKILL, DDP, bad inputs."""
+"""pretrain / finetune / eval: HF output, exact resume after SIGKILL, bad inputs.
+
+More than one process (DDP, FSDP2, two nodes) is test_train_dist.py.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from common import assert_user_error, run_cli
-
-FAST = ["--preset", "tiny", "--domains", "json", "--seq-len", "32", "--global-batch-tokens",
-        "256", "--micro-batch-size", "4", "--lr", "3e-3", "--eval-tokens", "2048",
-        "--no-progress", "--threads", "1", "--log-every", "1"]
-
-
-def pretrain_args(out: Path, tok: Path, *extra: str) -> list[str]:
-    return ["pretrain", *FAST, "--tokenizer", str(tok), "--out", str(out), *extra]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "model.safetensors")
+from common import assert_user_error, pretrain_args, run_cli, weights
 
 
 @pytest.fixture(scope="module")
@@ -210,35 +198,6 @@ def test_finetune_refuses_pickle(capsys, tmp_path, run6):
                       match="--allow-pickle")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tokenizer_dir, strategy):
-    """A real 2-process torchrun (gloo) gives the single process's loss curve."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = pretrain_args(tmp_path / "x", tokenizer_dir, "--max-steps", "4",
-                           "--eval-every", "4", "--micro-batch-size", "2")
-    one = [a if a != str(tmp_path / "x") else str(tmp_path / "one") for a in common]
-    two = [a if a != str(tmp_path / "x") else str(tmp_path / "two") for a in common]
-    subprocess.run([sys.executable, "-m", "lmalloy", *one], env=env, check=True,
-                   stderr=subprocess.DEVNULL)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "-m", "lmalloy", *two, "--distributed",
-                        strategy], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-
-    def losses(p):
-        return [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()
-                if '"loss"' in x and '"eval"' not in x]
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 4
-    assert a == pytest.approx(b, rel=1e-4)
-    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
-
-
 def test_presets_sizes_and_tinyllama_exact():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -257,3 +216,40 @@ def test_presets_sizes_and_tinyllama_exact():
     cfg = model_kwargs("tinyllama-1.1b", 32000)
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["intermediate_size"]) == (22, 2048, 32, 4, 5632)
+
+
+def test_weights_are_gathered_one_layer_at_a_time(tmp_path):
+    """`write_weights` asks for one decoder layer's tensors at a time and lets them go
+    before the next: rank 0 of a sharded run holds one layer in full beside its shard,
+    never the model (one extra tensor at the most: the last written). The folder holds
+    the model's tensors under transformers' saved names (the tied head left out)."""
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmalloy.train.checkpoint import layer_groups, write_weights
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=6, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    sd = model.state_dict()
+    live: set[str] = set()
+    peak = 0
+
+    def fetch(k: str) -> torch.Tensor:
+        nonlocal peak
+        t = sd[k].clone()
+        live.add(k)
+        weakref.finalize(t, live.discard, k)
+        peak = max(peak, sum(sd[n].numel() for n in live))
+        return t
+
+    write_weights(tmp_path, model, fetch)
+    groups = layer_groups(list(sd))
+    assert len(groups) == 7
+    biggest = max(sum(sd[k].numel() for k in g) for g in groups)
+    assert peak <= biggest + max(v.numel() for v in sd.values())
+    assert peak < sum(v.numel() for v in sd.values()) / 3
+    got = weights(tmp_path)
+    assert "lm_head.weight" not in got and got.keys() == sd.keys() - {"lm_head.weight"}
+    assert all(torch.equal(got[k], sd[k]) for k in got)

@@ -15,7 +15,10 @@
 
 Shadows are fp32 whatever the model's dtype (a bf16 model's updates would otherwise
 round away: 1 − 0.999 of a bf16 step is below its resolution). They live on the model's
-device and are keyed by `named_parameters()` names.
+device and are keyed by `named_parameters()` names. Given `local` (a parameter -> this
+process's part of it), an averager keeps and updates only that part: under torchrun the
+trainer passes FSDP2's shard, or an equal slice of each DDP replica, so the averages are
+sharded like the parameters and their updates need no communication.
 
 Python API, the same for all three:
     ema = EMA(model, decay=0.999)
@@ -101,21 +104,25 @@ class _Averager:
 
     kind = ""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module,
+                 local: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.names = [n for n, _ in model.named_parameters()]
+        self.local = local or (lambda p: p)
+        self.sharded = local is not None
         self.step = 0
         self._cache: tuple[nn.Module, list[torch.Tensor]] | None = None
 
     def _src(self, model: nn.Module) -> list[torch.Tensor]:
-        """The model's parameters in `self.names` order, as fp32 (a no-op for fp32)."""
+        """This process's part of the model's parameters in `self.names` order, as fp32 (a
+        no-op for fp32)."""
         if self._cache is None or self._cache[0] is not model:
             params = dict(model.named_parameters())
             missing = [n for n in self.names if n not in params]
             if missing:
                 raise ValueError(f"model has no parameter `{missing[0]}`")
             self._cache = (model, [params[n] for n in self.names])
-        return [p.detach().float() for p in self._cache[1]]
+        return [self.local(p).detach().float() for p in self._cache[1]]
 
     def _advance(self, step: int | None) -> int:
         self.step = self.step + 1 if step is None else int(step)
@@ -130,6 +137,9 @@ class _Averager:
         from `tokenizer` if given), atomically."""
         from lmalloy.io.writer import atomic_output, copy_aux_files, write_state_dict
 
+        if self.sharded:
+            raise ValueError(f"{self.kind}: this process holds only its part of the average "
+                             "(`local`); the trainer gathers the parts to write them")
         avg = self.average()
         if avg is None:
             raise ValueError(f"{self.kind}: nothing averaged yet (step {self.step})")
@@ -155,8 +165,8 @@ class EMA(_Averager):
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False,
                  gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0,
-                 update_every: int = 1, start: int = 0):
-        super().__init__(model)
+                 update_every: int = 1, start: int = 0, local=None):
+        super().__init__(model, local)
         _check_unit("decay", decay)
         self.decay, self.warmup, self.gamma, self.power = decay, warmup, gamma, power
         self.min_decay, self.update_every, self.start = min_decay, max(1, update_every), start
@@ -197,8 +207,8 @@ class SWA(_Averager):
 
     kind = "swa"
 
-    def __init__(self, model: nn.Module, start: int = 1, every: int = 1):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, start: int = 1, every: int = 1, local=None):
+        super().__init__(model, local)
         self.start, self.every = max(1, int(start)), max(1, every)
         self.n = 0
         self.avg: list[torch.Tensor] | None = None
@@ -237,8 +247,8 @@ class LaWA(_Averager):
     kind = "lawa"
 
     def __init__(self, model: nn.Module, k: int = 5, every: int = 200, start: int = 0,
-                 folder: str | Path | None = None):
-        super().__init__(model)
+                 folder: str | Path | None = None, local=None):
+        super().__init__(model, local)
         self.k, self.every, self.start = max(1, k), max(1, every), start
         self.folder = Path(folder) if folder is not None else None
         self.steps: list[int] = []  # snapshot steps in the window, oldest first
@@ -342,12 +352,17 @@ class LaWA(_Averager):
 class Averaging:
     """Trainer callback for `--average`: updates the averagers after every optimizer step,
     has them evaluated beside the raw model, writes `<checkpoint>/<name>/` HF folders and
-    keeps their state in trainer_state.pt so `--resume` continues them exactly."""
+    keeps their state in the checkpoint so `--resume` continues them exactly.
 
-    def __init__(self, names: list[str], ema, swa, lawa):
+    Under torchrun each process keeps its part of every average (`trainer.shards.local`:
+    FSDP2's shard, an equal slice of a DDP replica), updated locally; the parts are
+    gathered only to evaluate and to write the HF folders."""
+
+    def __init__(self, names: list[str], ema, swa, lawa, world: int = 1):
         self.names = list(names)
         self.settings = {"ema": ema, "swa": swa, "lawa": lawa}
         self.averagers: dict[str, _Averager] = {}
+        self.world = world  # processes of the run
         self._pending: dict | None = None
 
     def swa_start(self, total_steps: int) -> int:
@@ -362,23 +377,22 @@ class Averaging:
                              sw.anneal, sw.anneal_steps)
 
     def on_train_start(self, trainer) -> None:
-        if trainer.fsdp:
-            raise UserError("--average works with DDP or one process, not FSDP")
-        model = trainer.model
+        self.world = trainer.dist.world
+        model, local = trainer.model, trainer.shards.local if self.world > 1 else None
         for name in self.names:
             st = self.settings[name]
             if name == "ema":
                 a = EMA(model, st.decay, st.warmup, st.gamma, st.power, st.min_decay,
-                        st.update_every, st.start)
+                        st.update_every, st.start, local=local)
             elif name == "swa":
-                a = SWA(model, self.swa_start(trainer.total_steps), st.every)
+                a = SWA(model, self.swa_start(trainer.total_steps), st.every, local=local)
             else:
                 folder = None
-                if st.mode == "disk":
+                if st.mode == "disk":  # each process's part of each snapshot
                     folder = trainer.out / "averaging" / "lawa"
-                    if trainer.dist.world > 1:
+                    if self.world > 1:
                         folder = folder / f"rank-{trainer.dist.rank}"
-                a = LaWA(model, st.k, st.every, st.start, folder)
+                a = LaWA(model, st.k, st.every, st.start, folder, local=local)
             a.step = trainer.step
             self.averagers[name] = a
         if self._pending is not None:
@@ -389,6 +403,7 @@ class Averaging:
             a.update(trainer.model, step)
 
     def eval_states(self, trainer) -> dict[str, dict[str, torch.Tensor]]:
+        """{average: {parameter: this process's part}} of the averages that exist yet."""
         out = {}
         for name, a in self.averagers.items():
             avg = a.average()
@@ -398,13 +413,18 @@ class Averaging:
 
     def save(self, trainer, folder: Path) -> None:
         for name, avg in self.eval_states(trainer).items():
-            (folder / name).mkdir(exist_ok=True)
-            trainer.write_hf(folder / name, hf_state(trainer.model, avg))
+            trainer.write_hf(folder / name, average=avg)
 
     def state_dict(self) -> dict:
-        return {name: a.state_dict() for name, a in self.averagers.items()}
+        return {"world": self.world, **{name: a.state_dict()
+                                        for name, a in self.averagers.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
+        was = sd.get("world", 1)
+        if was != self.world and "lawa" in self.names and self.settings["lawa"].mode == "disk":
+            raise UserError(f"--resume: the LaWA snapshots on disk (--lawa.mode disk) hold "
+                            f"the parts of {was} process(es); resume with {was}, not "
+                            f"{self.world}")
         if not self.averagers:  # called before on_train_start: apply once they exist
             self._pending = sd
             return

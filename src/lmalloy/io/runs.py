@@ -3,7 +3,7 @@
   config.yaml           the resolved config (`--resume` starts from it)
   tokenizer/            the trained tokenizer (pretrain without --tokenizer)
   data/                 packed tokens (train.bin, val.bin, meta.json)
-  checkpoints/step-N/   HF folder + trainer_state.pt
+  checkpoints/step-N/   HF folder + trainer_state.pt and trainer_state/ (lmalloy.train.checkpoint)
   final/                the final HF model
   metrics.jsonl, loss.png
 """

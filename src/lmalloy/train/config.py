@@ -11,7 +11,8 @@ from lmalloy.config import also, threads_field
 from lmalloy.data.config import DataFields, valid_vocab_size
 
 # keys that may change between a run and its `--resume`
-RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug", "num_proc"}
+RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug", "num_proc",
+                  "dist_timeout"}
 
 
 class TrainConfig(DataFields):
@@ -45,6 +46,9 @@ class TrainConfig(DataFields):
     seed: int = Field(0, description="seed for initialisation and data order")
     threads: int | None = threads_field()
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="strategy under torchrun")
+    dist_timeout: float = Field(1800, gt=0, description="seconds a process waits for the "
+                                "others under torchrun: to form the process group, and in "
+                                "each collective")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: "
                                       "a table for known GPUs; measured matmul peak on CPU)")
     resume: bool = Field(False, description="continue from the newest checkpoint in --out")

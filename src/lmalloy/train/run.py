@@ -156,18 +156,16 @@ def _data(cfg, out: Path, tokenizer_dir: Path | None, dist, vocab_size: int | No
 
 def _write_final(trainer, out: Path) -> None:
     from lmalloy.io.runs import METRICS_FILE
-    from lmalloy.io.writer import atomic_output
     from lmalloy.train.moe import plot_expert_load
     from lmalloy.train.plot import plot_run, read_metrics
 
-    state = trainer.full_state_dict()
-    if not trainer.dist.main:
-        return
-    with atomic_output(out / "final", overwrite=True) as tmp:
-        trainer.write_hf(tmp, state)
+    with trainer.dist.atomic_output(out / "final") as tmp:
+        trainer.write_hf(tmp)
         for cb in trainer.callbacks:
             if hasattr(cb, "save"):
                 cb.save(trainer, tmp)
+    if not trainer.dist.main:
+        return
     records = read_metrics(out / METRICS_FILE)
     plot_run(trainer.history or records, out / "loss.png")
     if trainer.moe:
@@ -190,7 +188,10 @@ def _train(cfg, model, data, run: RunFolder, resume_step: int | None, dist, call
         trainer.load_checkpoint(path)
         trainer.truncate_metrics(trainer.step)
         if dist.main:
-            print(f"resuming from {path.name}", file=sys.stderr)
+            was = trainer.resumed_from_world
+            print(f"resuming from {path.name}" + (
+                f" (written by {was} process(es), resharded for {dist.world})"
+                if was != dist.world else ""), file=sys.stderr)
     elif dist.main:
         print(f"training {trainer.arch}: {trainer.n_params / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train tokens, {trainer.total_steps} steps of "
@@ -206,14 +207,15 @@ def _train(cfg, model, data, run: RunFolder, resume_step: int | None, dist, call
     return last
 
 
-def build_callbacks(cfg) -> list:
-    """Averagers and other trainer callbacks named by the config (none by default)."""
+def build_callbacks(cfg, world: int = 1) -> list:
+    """Averagers and other trainer callbacks named by the config (none by default), for a
+    run of `world` processes."""
     hook = getattr(cfg, "callbacks_factory", None)
     callbacks = hook() if callable(hook) else []
     if getattr(cfg, "average", None):
         from lmalloy.average.averagers import Averaging
 
-        callbacks.append(Averaging(cfg.average, cfg.ema, cfg.swa, cfg.lawa))
+        callbacks.append(Averaging(cfg.average, cfg.ema, cfg.swa, cfg.lawa, world))
     return callbacks
 
 
@@ -262,7 +264,7 @@ def _run(cfg, out: Path, resume_step, dist, tok_dir: Path | None, make_model) ->
     except BaseException:
         run.discard()
         raise
-    _train(cfg, model, data, run, resume_step, dist, build_callbacks(cfg))
+    _train(cfg, model, data, run, resume_step, dist, build_callbacks(cfg, dist.world))
 
 
 def pretrain(cfg) -> int:
@@ -270,7 +272,7 @@ def pretrain(cfg) -> int:
 
     cfg, out, resume_step = check_run_folder(cfg)
     tok_dir = _check_pretrain(cfg)
-    dist = Dist.init()
+    dist = Dist.init(cfg.dist_timeout)
     try:
         _run(cfg, out, resume_step, dist, tok_dir, lambda tok: _new_model(cfg, tok))
     finally:
@@ -326,7 +328,7 @@ def finetune(cfg) -> int:
     model = load_causal_lm(cfg.base_model, cfg.allow_pickle)
     n_train = apply_freezing(model, cfg.freeze, cfg.train_only)
     total = sum(p.numel() for p in model.parameters())
-    dist = Dist.init()
+    dist = Dist.init(cfg.dist_timeout)
     try:
         if dist.main and n_train < total:
             print(f"training {n_train:,} of {total:,} parameters", file=sys.stderr)

@@ -6,16 +6,21 @@
 - Under `torchrun`: DDP (gloo on CPU, nccl on GPU) or FSDP2 (`fully_shard` per decoder
   layer). Every process reads the same deterministic data order and takes its own slice
   of each global batch, so N processes see exactly the batches one process would.
-- Checkpoints are HF folders `checkpoints/step-NNNNNN/` with `trainer_state.pt` beside the
-  weights (optimizer, scheduler, RNG states, step, callback states), written atomically.
-  The data position is a function of the step, so `--resume` continues exactly.
+- Checkpoints are HF folders `checkpoints/step-NNNNNN/` with the state to resume from
+  beside the weights (`lmalloy.train.checkpoint`: optimizer, scheduler, RNG states, step,
+  callback states), written atomically by all processes together. The data position is a
+  function of the step, so `--resume` continues exactly.
 - MFU uses the PaLM formula: 6·N + 12·L·d·T FLOPs per token, N = parameters excluding the
   input embedding, against `peak_tflops` (GPU table, or a measured fp32 matmul peak on CPU).
 
 Callbacks (the averagers use them) may implement: `on_train_start(trainer)`,
 `on_step_end(trainer, step)`, `eval_states(trainer) -> {name: state_dict}` (evaluated
 beside the raw model), `save(trainer, folder)`, `state_dict()`, `load_state_dict(sd)`,
-`wrap_lr_lambda(trainer, f) -> f` (e.g. SWA's learning-rate phase).
+`wrap_lr_lambda(trainer, f) -> f` (e.g. SWA's learning-rate phase). Every process calls
+them. State that follows the parameters is kept as this process's part of each one
+(`trainer.shards.local(p)`: FSDP2's shard, or an equal slice of a DDP replica), in dicts
+keyed by parameter name; `trainer.write_hf(folder, average=...)` and the evaluation
+gather it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -36,9 +40,9 @@ import torch
 import torch.nn as nn
 
 from lmalloy.errors import UserError
-from lmalloy.io.runs import METRICS_FILE, STATE_FILE, checkpoint_dir, list_checkpoints
-from lmalloy.io.writer import atomic_output, copy_aux_files, write_state_dict
-from lmalloy.train.dist import Dist
+from lmalloy.io.runs import METRICS_FILE, checkpoint_dir, list_checkpoints
+from lmalloy.io.writer import copy_aux_files
+from lmalloy.train.dist import Dist, ParamShards
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -94,24 +98,6 @@ def measure_peak_tflops(device: torch.device) -> float:
             k += 1
         best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
     return best / 1e12
-
-
-def rng_state() -> dict:
-    """RNG states as tensors and plain tuples, so `torch.load(weights_only=True)` reads them."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    kind, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -179,6 +165,7 @@ class Trainer:
         self.flops_tok = flops_per_token(self.hf_config, T, n_active)
         self.peak = (cfg.peak_tflops or measure_peak_tflops(dist.device)) * 1e12
         self.wrapped = self._wrap(model)
+        self.shards = ParamShards(self.model, dist)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                      fused=dist.device.type == "cuda")
@@ -215,29 +202,6 @@ class Trainer:
     def fsdp(self) -> bool:
         return self.dist.world > 1 and self.cfg.distributed == "fsdp"
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's full (unsharded) fp32 state dict on CPU, on every rank."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-            )
-
-            return get_model_state_dict(self.model, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def _optim_state(self) -> dict:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_optimizer_state_dict,
-            )
-
-            return get_optimizer_state_dict(self.model, self.opt, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))
-        return self.opt.state_dict()
-
     # -- data
     def micro_batches(self, step: int):
         """This process's micro-batches of global step `step`."""
@@ -256,88 +220,59 @@ class Trainer:
         if not any(b > a for a, b in spans.values()):
             return {}
         ac = self.cfg.precision == "bf16"
-        res = {"raw": evaluate(self.model, self.data.val, spans, self.cfg.seq_len,
-                               self.cfg.eval_tokens, self.data.token_bytes,
-                               self.cfg.micro_batch_size, ac)}
+
+        def run() -> dict:
+            return evaluate(self.model, self.data.val, spans, self.cfg.seq_len,
+                            self.cfg.eval_tokens, self.data.token_bytes,
+                            self.cfg.micro_batch_size, ac)
+
+        res = {"raw": run()}
         for cb in self.callbacks:
             if hasattr(cb, "eval_states"):
                 for name, state in cb.eval_states(self).items():
-                    with swapped_weights(self.model, state):
-                        res[name] = evaluate(self.model, self.data.val, spans, self.cfg.seq_len,
-                                             self.cfg.eval_tokens, self.data.token_bytes,
-                                             self.cfg.micro_batch_size, ac)
+                    with swapped_weights(self.shards, state):
+                        res[name] = run()
         return res
 
     # -- checkpoints
-    def save_checkpoint(self, step: int, final: bool = False) -> Path:
-        state = self.full_state_dict()
-        opt_state = self._optim_state()
+    def save_checkpoint(self, step: int) -> Path:
+        from lmalloy.train.checkpoint import save
+
         target = checkpoint_dir(self.out, step)
-        if self.dist.main:
-            with atomic_output(target, overwrite=True) as tmp:
-                self.write_hf(tmp, state)
-                ts = {"step": step, "optimizer": opt_state, "scheduler": self.sched.state_dict(),
-                      "rng": rng_state(), "callbacks": {
-                          type(cb).__name__: cb.state_dict() for cb in self.callbacks
-                          if hasattr(cb, "state_dict")}}
-                torch.save(ts, tmp / STATE_FILE)
-                for cb in self.callbacks:
-                    if hasattr(cb, "save"):
-                        cb.save(self, tmp)
-            if self.cfg.keep_checkpoints:
-                for _s, p in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
-                    shutil.rmtree(p, ignore_errors=True)
+        save(self, step, target)
+        if self.dist.main and self.cfg.keep_checkpoints:
+            for _s, p in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(p, ignore_errors=True)
         self.dist.barrier()
         return target
 
-    def write_hf(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
-        """An HF folder: config.json, weights, generation config, tokenizer files."""
-        from lmalloy.io.models import saved_state
+    def write_hf(self, folder: Path, average: dict[str, torch.Tensor] | None = None) -> None:
+        """An HF folder of the model, or of `average` (this process's part of each averaged
+        parameter, `shards.local` layout): config.json, weights, generation config,
+        tokenizer files. Every process calls it (the weights are gathered); rank 0 writes."""
+        from lmalloy.train.checkpoint import whole, write_weights
 
-        self.hf_config.architectures = [self.arch]
-        self.hf_config.save_pretrained(folder)
-        if self.generation_config is not None:
-            self.generation_config.save_pretrained(folder)
-        write_state_dict(folder, saved_state(self.model, state))  # no tied duplicates
-        copy_aux_files(self.data.tokenizer_dir, folder)
+        self.shards.reshard()
+        sd = self.model.state_dict(keep_vars=True)
+        avg = average or {}
+
+        def fetch(k: str) -> torch.Tensor:
+            return self.shards.full(k, avg[k]) if k in avg else whole(sd[k])
+
+        main = self.dist.main
+        if main:
+            folder.mkdir(exist_ok=True)
+            self.hf_config.architectures = [self.arch]
+            self.hf_config.save_pretrained(folder)
+            if self.generation_config is not None:
+                self.generation_config.save_pretrained(folder)
+            copy_aux_files(self.data.tokenizer_dir, folder)
+        write_weights(folder if main else None, self.model, fetch)
 
     def load_checkpoint(self, path: Path) -> None:
-        from lmalloy.io.folder import open_model
-        from lmalloy.io.models import load_causal_lm
+        from lmalloy.train.checkpoint import load
 
-        state_path = path / STATE_FILE
-        try:
-            open_model(path)
-            ts = torch.load(state_path, map_location="cpu", weights_only=True)
-            # the checkpoint's weights under the model's in-memory names (transformers
-            # applies its own load-time conversions: fused MoE experts, tied heads)
-            weights = load_causal_lm(path, dtype=str(next(self.model.parameters()).dtype)
-                                     .removeprefix("torch.")).state_dict()
-        except UserError as e:
-            raise UserError(f"--resume: checkpoint {path} is corrupt: {e}") from None
-        except Exception as e:  # noqa: BLE001 - any unreadable state is a corrupt checkpoint
-            raise UserError(f"--resume: checkpoint {path} is corrupt ({state_path.name}: "
-                            f"{type(e).__name__})") from None
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, weights, options=opts)
-            set_optimizer_state_dict(self.model, self.opt, ts["optimizer"], options=opts)
-        else:
-            self.model.load_state_dict(weights)
-            self.opt.load_state_dict(ts["optimizer"])
-        self.sched.load_state_dict(ts["scheduler"])
-        set_rng_state(ts["rng"])
-        for cb in self.callbacks:
-            key = type(cb).__name__
-            if hasattr(cb, "load_state_dict") and key in ts.get("callbacks", {}):
-                cb.load_state_dict(ts["callbacks"][key])
-        self.step = ts["step"]
+        load(self, path)
 
     # -- metrics
     def log(self, record: dict) -> None:
@@ -497,25 +432,23 @@ class _LogWindow:
 
 
 class swapped_weights:
-    """Temporarily load `state` (name -> tensor) into `model`, restoring it on exit."""
+    """Temporarily put `state` ({parameter name: this process's part}, `ParamShards.local`
+    layout) into the model, restoring its own weights on exit."""
 
-    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
-        self.model = model
+    def __init__(self, shards, state: dict[str, torch.Tensor]):
+        self.shards = shards
         self.state = state
 
     def __enter__(self):
-        params = dict(self.model.named_parameters())
-        self.saved = {}
-        with torch.no_grad():
-            for n, v in self.state.items():
-                p = params[n]
-                self.saved[n] = p.detach().clone()
-                p.copy_(v.to(p.dtype))
-        return self.model
+        sh = self.shards
+        sh.reshard()
+        self.saved = {n: sh.local(sh.params[n]).detach().clone() for n in self.state}
+        for n, v in self.state.items():
+            sh.assign(n, v)
+        return self
 
     def __exit__(self, *a):
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, v in self.saved.items():
-                params[n].copy_(v)
+        self.shards.reshard()
+        for n, v in self.saved.items():
+            self.shards.assign(n, v)
         return False
