@@ -253,3 +253,19 @@ def test_weights_are_gathered_one_layer_at_a_time(tmp_path):
     got = weights(tmp_path)
     assert "lm_head.weight" not in got and got.keys() == sd.keys() - {"lm_head.weight"}
     assert all(torch.equal(got[k], sd[k]) for k in got)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_has_the_eager_losses(tmp_path, tokenizer_dir, capsys):
+    """`--compile` trains the same model: per-step losses within fp32 reassociation noise."""
+    runs = {}
+    for tag in ("eager", "compiled"):
+        extra = ["--max-steps", "4"] + (["--compile"] if tag == "compiled" else [])
+        rc, _, err = run_cli(capsys, *pretrain_args(tmp_path / tag, tokenizer_dir, *extra))
+        assert rc == 0, err
+        rows = [json.loads(x) for x in (tmp_path / tag / "metrics.jsonl").read_text().splitlines()]
+        runs[tag] = [r["loss"] for r in rows if "lr" in r]  # the training steps
+    assert len(runs["eager"]) == 4
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)

@@ -43,6 +43,24 @@ def check_device(device: str, flag: str = "--device"):
     return dev
 
 
+def compiler_missing(device_type: str = "cpu") -> str | None:
+    """Why torch.compile (inductor) cannot build kernels for `device_type` here, or None:
+    on CPU it needs a C++ compiler ($CXX, g++, c++ or clang++), on CUDA Triton."""
+    import os
+    import shutil
+
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return "torch has no Triton support"
+        return None if has_triton() else "Triton is not installed"
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if any(shutil.which(n) for n in names):
+        return None
+    return f"no C++ compiler ({', '.join(names)}) on PATH"
+
+
 def is_causal_lm(config: dict) -> bool:
     archs = config.get("architectures") or []
     return not archs or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)

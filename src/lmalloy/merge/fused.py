@@ -98,7 +98,12 @@ class Kernels:
     first compile failure warns once and falls back to eager for good."""
 
     def __init__(self, compiled: bool):
+        from lmalloy.io.models import compiler_missing
+
         self.compiled = compiled
+        if compiled and (why := compiler_missing("cpu")):
+            self.compiled = False
+            _warn(why)
 
     def _call(self, name: str, fn, *args):
         try:
@@ -109,13 +114,9 @@ class Kernels:
 
                     k = _kernels[name] = torch.compile(fn, dynamic=True)
                 return k(*args)
-        except Exception as e:  # no C++ compiler, an unsupported platform, ...
+        except Exception as e:  # a compiler that fails, an unsupported platform, ...
             self.compiled = False
-            if not _warned:
-                _warned.append(str(e))
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                print(f"lmalloy: warning: torch.compile is unavailable here ({first[:200]}); "
-                      "merging with eager torch", file=sys.stderr)
+            _warn((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
             return None
 
     def band(self, xs: list, base, lo, hi, compute) -> list[tuple[int, object]]:
@@ -164,6 +165,14 @@ class Kernels:
         with torch.no_grad():
             out = _generalized(fx, b, p, g, ctx, "magnitude", True)
         return out.to(out_dtype), False, not finite(out)
+
+
+def _warn(why: str) -> None:
+    """One warning per process that merging falls back to eager torch."""
+    if not _warned:
+        _warned.append(why)
+        print(f"lmalloy: warning: torch.compile is unavailable here ({why}); merging with "
+              "eager torch", file=sys.stderr)
 
 
 def want_compile(flag: bool | None, bytes_in: int) -> bool:

@@ -12,7 +12,7 @@ from lmalloy.data.config import DataFields, valid_vocab_size
 
 # keys that may change between a run and its `--resume`
 RESUME_MUTABLE = {"resume", "overwrite", "progress", "threads", "debug", "num_proc",
-                  "dist_timeout"}
+                  "dist_timeout", "device"}
 
 
 class TrainConfig(DataFields):
@@ -34,7 +34,12 @@ class TrainConfig(DataFields):
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 disables)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 autocast with "
                                                "fp32 master weights")
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool = Field(False, description="torch.compile the model (where inductor cannot "
+                          "build kernels here — no C++ compiler on CPU, no Triton on CUDA — a "
+                          "warning, and the run trains eagerly)")
+    device: str | None = Field(None, description="torch device: cpu, cuda, cuda:N, mps "
+                               "(default: cuda when available, else cpu); under torchrun each "
+                               "process takes cuda:LOCAL_RANK on a CUDA device")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of each domain's tokens "
                                 "held out for validation (split by document)")
     eval_every: int = Field(100, gt=0, description="evaluate every N steps (and at the end)")

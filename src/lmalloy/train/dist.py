@@ -37,22 +37,25 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def init(cls, timeout_s: float = 1800) -> Dist:
+    def init(cls, timeout_s: float = 1800, device: str | None = None) -> Dist:
+        """`device`: `--device` (None: cuda when available, else cpu)."""
+        from lmalloy.io.models import check_device
+
+        dev = check_device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
             return cls(device=dev)
         import datetime
 
         import torch.distributed as dist
 
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if dev.type == "cuda":
             torch.cuda.set_device(local)
             dev = torch.device("cuda", local)
             backend = "nccl"
         else:
-            dev = torch.device("cpu")
             backend = "gloo"
         if not dist.is_initialized():
             try:

@@ -272,7 +272,7 @@ def pretrain(cfg) -> int:
 
     cfg, out, resume_step = check_run_folder(cfg)
     tok_dir = _check_pretrain(cfg)
-    dist = Dist.init(cfg.dist_timeout)
+    dist = Dist.init(cfg.dist_timeout, cfg.device)
     try:
         _run(cfg, out, resume_step, dist, tok_dir, lambda tok: _new_model(cfg, tok))
     finally:
@@ -325,10 +325,14 @@ def finetune(cfg) -> int:
 
     cfg, out, resume_step = check_run_folder(cfg)
     _check_finetune(cfg, out)
+    if cfg.device is not None:  # before the base model loads
+        from lmalloy.io.models import check_device
+
+        check_device(cfg.device)
     model = load_causal_lm(cfg.base_model, cfg.allow_pickle)
     n_train = apply_freezing(model, cfg.freeze, cfg.train_only)
     total = sum(p.numel() for p in model.parameters())
-    dist = Dist.init(cfg.dist_timeout)
+    dist = Dist.init(cfg.dist_timeout, cfg.device)
     try:
         if dist.main and n_train < total:
             print(f"training {n_train:,} of {total:,} parameters", file=sys.stderr)

@@ -195,7 +195,14 @@ class Trainer:
         else:
             wrapped = model
         if self.cfg.compile:
-            wrapped = torch.compile(wrapped)
+            from lmalloy.io.models import compiler_missing
+
+            why = compiler_missing(self.dist.device.type)
+            if why is None:
+                wrapped = torch.compile(wrapped)
+            elif self.dist.main:  # fall back: the same run, eager
+                print(f"lmalloy: warning: --compile: torch.compile is unavailable here ({why}); "
+                      "training eagerly", file=sys.stderr)
         return wrapped
 
     @property
