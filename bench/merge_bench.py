@@ -144,18 +144,23 @@ def main() -> int:
     env = {"HF_HUB_OFFLINE": "1"}
     tools = ["lmalloy", "mergekit"] + (["lmalloy-baseline"] if a.baseline else [])
     methods = [m for m in ("linear", "ties") if m in a.methods.split(",")]
+    load0 = os.getloadavg()
     for method, reps in [(m, a.reps if m == "linear" else a.ties_reps) for m in methods]:
+        # TIES also without the fused kernel: what `--compile` buys
+        tools_m = tools + (["lmalloy-eager"] if method == "ties" else [])
         y = OUT / f"{method}.yaml"
         y.write_text(yaml_for(method, base, fts))
         n_in = len(fts) + (method == "ties")
         gb = (n_in + 1) * size / 1e9
         for rep in range(reps):
-            for tool in tools:
+            for tool in tools_m:
                 out = OUT / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 e = env
-                if tool == "lmalloy":
+                if tool in ("lmalloy", "lmalloy-eager"):
                     cmd = [str(LM), "merge", str(y), "--out", str(out), "--no-progress"]
+                    if tool == "lmalloy-eager":
+                        cmd.append("--no-compile")
                 elif tool == "lmalloy-baseline":
                     cmd = [sys.executable, "-m", "lmalloy", "merge", str(y), a.baseline_flag,
                            str(out), "--no-progress"]
@@ -202,7 +207,7 @@ def main() -> int:
              "| method | tool | wall s | GB/s (in+out) | peak RSS GB | peak anon GB |",
              "|---|---|---|---|---|---|"]
     for method in methods:
-        for tool in tools:
+        for tool in tools + (["lmalloy-eager"] if method == "ties" else []):
             lines.append(f"| {method} | {tool} | {med(method, tool, 'wall'):.1f} | "
                          f"{med(method, tool, 'gbps'):.2f} | {med(method, tool, 'rss') / 1e9:.2f} |"
                          f" {med(method, tool, 'anon') / 1e9:.2f} |")
@@ -216,6 +221,14 @@ def main() -> int:
         for method in methods:
             lines.append(f"| {method} | {med(method, 'lmalloy-baseline', 'wall') / med(method, 'lmalloy', 'wall'):.2f}× "
                          f"| {med(method, 'lmalloy-baseline', 'anon') / max(med(method, 'lmalloy', 'anon'), 1):.2f}× |")
+    if set(methods) == {"linear", "ties"}:
+        lin = med("linear", "lmalloy", "wall")
+        lines += ["", f"TIES / linear (lmalloy's own): {med('ties', 'lmalloy', 'wall') / lin:.2f}× "
+                  f"with the fused kernel, {med('ties', 'lmalloy-eager', 'wall') / lin:.2f}× "
+                  "eager (`--no-compile`)."]
+    lines += ["", f"Load average (1, 5, 15 min) at the start: {load0[0]:.2f}, {load0[1]:.2f}, "
+              f"{load0[2]:.2f}; at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+              + "."]
     diffs = ", ".join(f"{m} {results[(m, 'maxrel')]:.2e}" for m in methods)
     lines += ["", f"Largest relative difference between the two outputs (first 20 tensors): "
               f"{diffs} "
