@@ -74,7 +74,7 @@ def train_one(model, pairs_ids: list[tuple[list[int], list[int]]], hp: dict, cfg
               device: torch.device, log, label: str = "rm") -> dict:
     """Fit one reward model in place; returns its summary (loss, accuracy, throughput)."""
     from lmalloy.reward.model import bt_loss, forward_scores
-    from lmalloy.train.trainer import lr_lambda, param_groups
+    from lmalloy.train.trainer import adamw, lr_lambda
 
     n = len(pairs_ids)
     B = min(cfg.batch_size, n)
@@ -83,8 +83,7 @@ def train_one(model, pairs_ids: list[tuple[list[int], list[int]]], hp: dict, cfg
     torch.manual_seed(hp["seed"])
     set_dropout(model, hp["dropout"])
     model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=hp["lr"],
-                            betas=(0.9, 0.95), eps=1e-8)
+    opt = adamw(model, cfg.weight_decay, hp["lr"], (0.9, 0.95), torch.device(device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps, cfg.min_lr_ratio))
     order = data_order(n, steps, B, hp["seed"])
     bar = None
