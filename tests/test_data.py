@@ -150,3 +150,25 @@ def test_held_corpus_packs_to_the_reference_layout(packed):
     assert list(meta["domains"]) == order
     assert list(meta) == ["dtype", "eos_id", "pad_id", "vocab_size", "domains", "train_tokens",
                           "val_tokens", "key"]
+
+
+def test_a_pool_repeats_one_subset_of_every_part(packed):
+    """`--unique-tokens`: each epoch is a new order of the same seeded subset of chunks,
+    drawn from the whole file (not its first domains)."""
+    _, _, out, meta = packed
+    train = load_tokens(out, "train", meta)
+    T = 16
+    full = EpochSampler(len(train), T, seed=3)
+    s = EpochSampler(len(train), T, seed=3, pool=full.num_chunks // 4)
+    n = s.num_chunks
+    assert n == full.num_chunks // 4 and s.all_chunks == full.num_chunks
+    first = s.chunk_ids(0, n)
+    assert len(set(first.tolist())) == n
+    for epoch in range(1, 3):
+        again = s.chunk_ids(epoch * n, n)
+        assert sorted(again.tolist()) == sorted(first.tolist())
+        assert not np.array_equal(again, first)
+    assert first.max() > full.num_chunks // 2  # spread over the file
+    # without a pool, or with one as large as the file, it is the plain sampler
+    same = EpochSampler(len(train), T, seed=3, pool=10 ** 9)
+    assert np.array_equal(same.chunk_ids(0, full.num_chunks), full.chunk_ids(0, full.num_chunks))

@@ -31,7 +31,9 @@ parts are joined at the end, so memory never holds the corpus or its tokens.
 (inputs and shifted targets), so every token is an input exactly once per epoch except the
 final (N - 1) mod T tokens. Chunk order is a seeded permutation per epoch; the run is the
 concatenation of epochs, and global step s takes positions [s*B, (s+1)*B) of it. The data
-position is therefore a pure function of the step: resuming needs only the step.
+position is therefore a pure function of the step: resuming needs only the step. With a
+`pool` (`--unique-tokens`), the epochs run over a seeded random subset of `pool` chunks,
+drawn from every part of the file, so a run sees less unique data, repeated more often.
 """
 
 from __future__ import annotations
@@ -311,13 +313,24 @@ class EpochSampler:
     num_tokens: int
     seq_len: int
     seed: int = 0
+    pool: int | None = None  # chunks in the repeated subset (None: every chunk)
+
+    @property
+    def all_chunks(self) -> int:
+        return max(0, (self.num_tokens - 1) // self.seq_len)
 
     @property
     def num_chunks(self) -> int:
-        return max(0, (self.num_tokens - 1) // self.seq_len)
+        """Chunks per epoch."""
+        return self.all_chunks if self.pool is None else min(self.pool, self.all_chunks)
 
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_chunks)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_chunks)
+        if self.pool is None or self.pool >= self.all_chunks:
+            return perm
+        subset = np.sort(np.random.default_rng([self.seed, 1 << 30]).choice(
+            self.all_chunks, self.num_chunks, replace=False))
+        return subset[perm]
 
     def chunk_ids(self, start: int, count: int) -> np.ndarray:
         """Chunk indices at run positions [start, start + count)."""

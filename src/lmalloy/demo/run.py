@@ -1,21 +1,27 @@
 """`lmalloy demo`: run the stages in order, then write the report.
 
-Each stage is a module with `TITLE` and `run(ctx) -> {"markdown": str, "numbers": dict}`.
+Each stage is a module with `TITLE` and `run(ctx) -> {"markdown": str, "numbers": dict,
+"claims": [row, ...]}` (the rows of the claims table, `lmalloy.demo.stats.claim`).
 Its result is saved to `<out>/stages/<name>.json`; a stage that already has a result is
 skipped unless `--rerun`, so one stage can be re-run alone and later stages reuse what
 earlier ones trained (`ctx.require("pretrain")` runs a missing prerequisite).
-The report is rebuilt from every saved result after each stage.
+Each stage runs on the clock of its share of the time budget (`ctx.clock`,
+`lmalloy.demo.budget`), and its result records the clock: time allotted, what was
+scaled down, the machine's load. The report is rebuilt from every saved result after each
+stage.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmalloy.demo.budget import MINUTES, SHARES, Budget, StageClock
 from lmalloy.errors import unknown
 
 # stage name -> module; the report follows this order
@@ -45,6 +51,13 @@ class DemoContext:
     rerun: bool = False
     chosen: set[str] = field(default_factory=set)
     results: dict[str, dict] = field(default_factory=dict)
+    budget: Budget | None = None
+    clock: StageClock | None = None  # the running stage's
+
+    def __post_init__(self):
+        if self.budget is None:
+            mode = _mode_name(self.quick)
+            self.budget = Budget(60 * MINUTES[mode], SHARES[mode], list(STAGES))
 
     def dir(self, name: str) -> Path:
         d = self.out / name
@@ -64,8 +77,16 @@ class DemoContext:
         p = self.result_path(name)
         if p.is_file() and not (self.rerun and name in self.chosen):
             self.results[name] = json.loads(p.read_text())
+            self._seed_rates(self.results[name])
             return self.results[name]
         return run_stage(self, name)
+
+    def _seed_rates(self, result: dict) -> None:
+        """A reused pretraining result's measured throughput, where this process has not
+        measured its own yet."""
+        for k, v in (result.get("numbers", {}).get("rates") or {}).items():
+            if k not in self.budget.rates.tps:
+                self.budget.rates.observe(k, v, "the saved pretraining stage")
 
     def call(self, command: str, **fields) -> int:
         """Run an lmalloy command in-process, through the same config validation as the CLI."""
@@ -81,12 +102,22 @@ def run_stage(ctx: DemoContext, name: str) -> dict:
     from lmalloy.io.writer import atomic_write_text
 
     mod = importlib.import_module(STAGES[name])
-    print(f"\n== demo stage: {name} — {mod.TITLE}", file=sys.stderr)
+    outer = ctx.clock  # a prerequisite runs inside the stage that required it
+    ctx.clock = ctx.budget.clock(name)
+    print(f"\n== demo stage: {name} — {mod.TITLE} ({ctx.clock.allotted_s:.0f} s of the "
+          f"budget)", file=sys.stderr)
     t0 = time.perf_counter()
-    res = mod.run(ctx)
+    try:
+        res = mod.run(ctx)
+    finally:
+        clock, ctx.clock = ctx.clock, outer
     res["title"] = mod.TITLE
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["budget"] = clock.summary()
+    rates = ctx.budget.rates
+    res["rates"] = {k: [v, rates.source.get(k, "")] for k, v in rates.tps.items()}
     res.setdefault("numbers", {})
+    res.setdefault("claims", [])
     atomic_write_text(ctx.result_path(name), json.dumps(res, indent=1))
     ctx.results[name] = res
     write(ctx)
@@ -95,26 +126,39 @@ def run_stage(ctx: DemoContext, name: str) -> dict:
 
 
 def write(ctx: DemoContext) -> Path:
-    from lmalloy.demo.report import write_report
+    """report.md/html from every saved stage result: the claims table and the time table
+    first, then a section per stage, then the appendix."""
+    from lmalloy.demo import report as R
+    from lmalloy.demo.budget import load_average
+    from lmalloy.demo.calibration import recorded
 
-    sections = []
-    total = 0.0
+    results = {}
     for name in STAGES:
         p = ctx.result_path(name)
         if p.is_file():
-            r = json.loads(p.read_text())
-            total += r.get("seconds", 0)
-            sections.append({"title": r["title"], "markdown": r["markdown"]
-                             + f"\n\nStage time: {r.get('seconds', 0):.0f} s."})
+            results[name] = json.loads(p.read_text())
+    total = sum(r.get("seconds", 0) for r in results.values())
+    sections = [{"title": r["title"], "markdown": r["markdown"]
+                 + f"\n\nStage time: {r.get('seconds', 0):.0f} s."} for r in results.values()]
     mode = "quick (CI-sized models and budgets)" if ctx.quick else "full"
     flags = "--quick " if ctx.quick else ""
     if ctx.out.resolve() != Path(default_out(ctx.quick)).resolve():
         flags += f"--out {ctx.out} "
+    loads = [(r.get("budget") or {}).get(k) for r in results.values()
+             for k in ("load_start", "load_end")]
+    loads = [x for x in loads if x is not None]
+    load = (f"the machine's 1-minute load average ran from {min(loads):.2f} to "
+            f"{max(loads):.2f} over the stages ({os.cpu_count()} cores: a load above the "
+            f"core count means other work shared them)" if loads else
+            f"the machine's load is {load_average():.2f}")
     intro = (f"Every number below was measured by this run ({mode} mode) on the built-in "
              f"corpus: the Python standard library of the interpreter that ran it. "
-             f"Stages so far took {total / 60:.1f} minutes. Re-run one stage with "
+             f"Stages so far took {total / 60:.1f} minutes against a budget of "
+             f"{ctx.budget.total_s / 60:.0f}; {load}. Re-run one stage with "
              f"`lmalloy demo {flags}--stages NAME --rerun`.")
-    return write_report(ctx.out, "lmalloy demo report", intro, sections)
+    head = "\n".join(R.claims_markdown(results) + R.times_markdown(results, ctx.budget.total_s))
+    tail = "\n".join(R.appendix_markdown(results, recorded()))
+    return R.write_report(ctx.out, "lmalloy demo report", intro, sections, head, tail)
 
 
 def default_out(quick: bool) -> str:

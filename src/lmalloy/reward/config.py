@@ -145,6 +145,8 @@ class RewardEvalConfig(Config):
     batch_size: int = Field(32, gt=0, description="sequences per scoring batch")
     seed: int = Field(0, description="sampling seed")
     out: str | None = Field(None, description="write the results as JSON here")
+    per_pair: bool = Field(False, description="also write each pair's outcome per selector "
+                           "(1 right, 0.5 tie, 0 wrong; for paired intervals) to --out")
     overwrite: bool = Field(False, description="replace an existing --out file")
     threads: int | None = threads_field()
 

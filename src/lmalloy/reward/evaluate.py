@@ -28,10 +28,14 @@ from lmalloy.errors import UserError
 # ----------------------------------------------------------------------------- bookkeeping
 
 
+def pair_outcomes(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 when r_c > r_r, 0.5 on a tie, else 0."""
+    return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+
+
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
     """Share of pairs with r_c > r_r, ties counting one half."""
-    wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
-    return float(wins.mean())
+    return float(pair_outcomes(r_chosen, r_rejected).mean())
 
 
 def ensemble(scores: list[torch.Tensor]) -> torch.Tensor:
@@ -203,6 +207,8 @@ def evaluate(cfg) -> dict:
             row = {k: pairwise_accuracy(sc[k][ix], sr[k][ix]) for k in sc}
             row = summarize(row, names, lower_is_better)
             row["pairs"] = len(idx)
+            if cfg.per_pair:
+                row["outcomes"] = {k: pair_outcomes(sc[k][ix], sr[k][ix]).tolist() for k in sc}
             rows[g] = row
         return rows
 

@@ -24,6 +24,10 @@ class TrainConfig(DataFields):
     epochs: float | None = Field(1.0, gt=0, description="passes over the training tokens")
     max_tokens: int | None = Field(None, gt=0, description="token budget (overrides --epochs)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps (overrides both)")
+    unique_tokens: int | None = Field(None, gt=0, description="train on a seeded random "
+                                      "subset of this many training tokens (whole sequences "
+                                      "from every part of the data), repeated epoch after "
+                                      "epoch: for data-repetition experiments")
     lr: float = Field(4e-4, gt=0, description="peak learning rate (TinyLlama: 4e-4)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: "
@@ -44,6 +48,8 @@ class TrainConfig(DataFields):
                                 "held out for validation (split by document)")
     eval_every: int = Field(100, gt=0, description="evaluate every N steps (and at the end)")
     eval_tokens: int = Field(131072, gt=0, description="max validation tokens per evaluation")
+    eval_windows: bool = Field(False, description="log each validation window's loss at "
+                               "every evaluation (for paired intervals between evaluations)")
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps "
                                    "(default: at every evaluation)")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the newest N")

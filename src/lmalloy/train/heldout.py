@@ -34,17 +34,20 @@ def eval_windows(spans: dict[str, tuple[int, int]], seq_len: int, max_tokens: in
 
 def evaluate(model, tokens: np.ndarray, spans: dict[str, tuple[int, int]], seq_len: int,
              max_tokens: int, token_bytes: np.ndarray | None = None, batch_size: int = 8,
-             autocast: bool = False, logits_fn=None) -> dict:
+             autocast: bool = False, logits_fn=None, per_window: bool = False) -> dict:
     """Loss, perplexity and bits per byte, overall and per domain.
 
     `logits_fn(input_ids) -> logits (B, T, V)` replaces `model(...)` when given (e.g. a
-    proxy-tuned ensemble); `model` may then be None.
+    proxy-tuned ensemble); `model` may then be None. `per_window`: also "windows", {domain:
+    [mean loss of each window, in order]}, for paired intervals (the same windows for every
+    model evaluated with the same spans, `seq_len` and `max_tokens`).
     """
     import torch
     import torch.nn.functional as F
 
     windows = eval_windows(spans, seq_len, max_tokens)
     per: dict[str, list[float]] = {n: [0.0, 0, 0] for n in spans}  # nll, tokens, bytes
+    win: dict[str, list[float]] = {}
     if model is not None:
         was_training = model.training
         model.eval()
@@ -62,6 +65,8 @@ def evaluate(model, tokens: np.ndarray, spans: dict[str, tuple[int, int]], seq_l
             nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                   reduction="none").view(y.shape)  # (B, T)
             for j, (name, _) in enumerate(batch):
+                if per_window:
+                    win.setdefault(name, []).append(float(nll[j].mean()))
                 per[name][0] += float(nll[j].sum())
                 per[name][1] += y.shape[1]
                 if tb is not None:
@@ -72,7 +77,10 @@ def evaluate(model, tokens: np.ndarray, spans: dict[str, tuple[int, int]], seq_l
         if not math.isfinite(nll):
             raise UserError(f"evaluation gave a non-finite loss on `{name}`: the model's "
                             "weights or logits hold NaN/Inf")
-    return summarize(per)
+    out = summarize(per)
+    if per_window:
+        out["windows"] = win
+    return out
 
 
 def summarize(per: dict[str, list]) -> dict:

@@ -145,7 +145,8 @@ class Trainer:
                 f"{world} = {per_pass}")
         self.accum = cfg.global_batch_tokens // per_pass
         self.batch_seqs = cfg.global_batch_tokens // T
-        self.sampler = EpochSampler(len(data.train), T, cfg.seed)
+        pool = -(-cfg.unique_tokens // T) if cfg.unique_tokens else None
+        self.sampler = EpochSampler(len(data.train), T, cfg.seed, pool)
         if self.sampler.num_chunks < 1:
             raise UserError(f"the training split has {len(data.train)} tokens, fewer than one "
                             f"sequence of --seq-len {T}")
@@ -233,12 +234,12 @@ class Trainer:
         spans = {n: tuple(d["val"]) for n, d in self.data.meta["domains"].items()}
         if not any(b > a for a, b in spans.values()):
             return {}
-        ac = self.cfg.precision == "bf16"
+        cfg = self.cfg
 
         def run() -> dict:
-            return evaluate(self.model, self.data.val, spans, self.cfg.seq_len,
-                            self.cfg.eval_tokens, self.data.token_bytes,
-                            self.cfg.micro_batch_size, ac)
+            return evaluate(self.model, self.data.val, spans, cfg.seq_len, cfg.eval_tokens,
+                            self.data.token_bytes, cfg.micro_batch_size,
+                            cfg.precision == "bf16", per_window=cfg.eval_windows)
 
         res = {"raw": run()}
         for cb in self.callbacks:
