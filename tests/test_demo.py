@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from lmalloy import cli
-from lmalloy.demo.report import write_report
+from lmalloy.demo.report import claims_markdown, times_markdown, write_report
 from lmalloy.demo.run import STAGES, default_out
 from lmalloy.demo.stage_merging import greedy_choice
+from lmalloy.demo.stats import (HELD, INCONCLUSIVE, NOT_HELD, all_of, claim, mean_interval,
+                                 verdict, wilson)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / ".ci" / "check_demo_report.py"
@@ -59,10 +61,24 @@ def test_each_mode_has_its_own_default_folder():
     assert default_out(quick=True) == "runs/demo-quick"
 
 
-def _fake_report(out: Path, skip: str | None = None) -> Path:
-    sections = [{"title": importlib.import_module(mod).TITLE, "markdown": "numbers"}
-                for name, mod in STAGES.items() if name != skip]
-    write_report(out, "lmalloy demo report", "intro", sections)
+def _fake_report(out: Path, skip: str | None = None, tamper: bool = False) -> Path:
+    """A report written the demo's way from fake stage results: one claim per stage
+    (`tamper`: the first claim's saved verdict contradicts its interval)."""
+    results = {}
+    for i, (name, mod) in enumerate(STAGES.items()):
+        if name == skip:
+            continue
+        c = claim(f"claim {i}", "paper", "1", "0.5 [0.4, 0.6]", 0.5, 0.4, 0.6, 0.3)
+        if tamper and not results:
+            c["verdict"] = NOT_HELD
+        results[name] = {"title": importlib.import_module(mod).TITLE, "markdown": "numbers",
+                         "seconds": 1.0, "claims": [c]}
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    for name, r in results.items():
+        (out / "stages" / f"{name}.json").write_text(json.dumps(r))
+    sections = [{"title": r["title"], "markdown": r["markdown"]} for r in results.values()]
+    head = "\n".join(claims_markdown(results) + times_markdown(results, 60.0))
+    write_report(out, "lmalloy demo report", "intro", sections, head)
     return out / "report.md"
 
 
@@ -79,6 +95,23 @@ def test_report_check(tmp_path):
     bad = _check(_fake_report(tmp_path / "some", skip="moe"))
     assert bad.returncode == 1 and "moe" in bad.stderr
     assert _check(tmp_path / "none" / "report.md").returncode == 1
+    (tmp_path / "tampered").mkdir()
+    bad = _check(_fake_report(tmp_path / "tampered", tamper=True))
+    assert bad.returncode == 1 and "claim 0" in bad.stderr
+
+
+def test_verdicts_follow_the_interval():
+    assert verdict(0.1, 0.2, 0.0) == HELD
+    assert verdict(-0.2, -0.1, 0.0) == NOT_HELD
+    assert verdict(-0.1, 0.1, 0.0) == INCONCLUSIVE
+    assert verdict(-0.2, -0.1, 0.0, higher=False) == HELD
+    assert verdict(float("nan"), 1.0, 0.0) == INCONCLUSIVE
+    assert all_of([HELD, HELD]) == HELD and all_of([HELD, NOT_HELD]) == NOT_HELD
+    assert all_of([HELD, INCONCLUSIVE]) == INCONCLUSIVE and all_of([]) == INCONCLUSIVE
+    lo, hi = wilson(40, 100)
+    assert lo < 0.4 < hi and hi - lo < 0.2
+    v, lo, hi = mean_interval([1.0, 2.0, 3.0, 4.0])
+    assert v == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
 
 
 def test_greedy_choice_reads_greedy_soup_json(tmp_path):
