@@ -16,8 +16,16 @@ from lmalloy import cli
 from lmalloy.demo.report import claims_markdown, times_markdown, write_report
 from lmalloy.demo.run import STAGES, default_out
 from lmalloy.demo.stage_merging import greedy_choice
-from lmalloy.demo.stats import (HELD, INCONCLUSIVE, NOT_HELD, all_of, claim, mean_interval,
-                                 verdict, wilson)
+from lmalloy.demo.stats import (
+    HELD,
+    INCONCLUSIVE,
+    NOT_HELD,
+    all_of,
+    claim,
+    mean_interval,
+    verdict,
+    wilson,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / ".ci" / "check_demo_report.py"
