@@ -18,7 +18,7 @@ Free disk is checked first (the models, one output at a time, and headroom); eve
 is removed after its measurement and the models at the end (`--keep` keeps them).
 
 usage: .venv/bin/python bench/merge8b_bench.py [--setup] [--keep] [--methods linear,ties]
-       [--no-mergekit] [--small]   (--small: a 1B-shaped smoke run)
+       [--no-mergekit] [--mergekit-methods linear] [--small]   (--small: a 1B-shaped smoke run)
 """
 
 from __future__ import annotations
@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="1B-shaped models (smoke run)")
     ap.add_argument("--methods", default="linear,ties")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--mergekit-methods", help="the methods mergekit also runs (default: "
+                    "--methods; mergekit's TIES on 8B takes about an hour here)")
     a = ap.parse_args()
     c = CFG_SMALL if a.small else CFG_8B
     import math
@@ -210,7 +212,8 @@ def main() -> int:
             n_in = 3
         measure(f"lmalloy merge {method}", [str(LM), "merge", str(y), "--out", out,
                                             "--no-progress"], n_in)
-        if not a.no_mergekit and MK.exists():
+        mk_methods = (a.mergekit_methods or a.methods).split(",")
+        if not a.no_mergekit and MK.exists() and method in mk_methods:
             measure(f"mergekit {method}", [str(MK), str(y), out, "--lazy-unpickle",
                                            "--low-cpu-memory", "--out-shard-size", "2500M",
                                            "--no-copy-tokenizer", "--no-write-model-card",

@@ -919,6 +919,8 @@ ROWS: list[Row] = [
         "did you mean `merging`"),
     Row("demo-out-unwritable", lambda z, o: ["demo", "--out", z.text_file / "demo"],
         "not a directory"),
+    Row("demo-budget-zero", lambda z, o: ["demo", "--quick", "--budget-minutes", "0",
+                                          "--out", o], "--budget-minutes"),
 ]
 
 

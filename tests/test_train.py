@@ -269,3 +269,20 @@ def test_compiled_training_has_the_eager_losses(tmp_path, tokenizer_dir, capsys)
         runs[tag] = [r["loss"] for r in rows if "lr" in r]  # the training steps
     assert len(runs["eager"]) == 4
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)
+
+
+def test_activation_checkpointing_has_the_same_losses(tmp_path, tokenizer_dir, capsys):
+    """`--activation-checkpointing` recomputes the layers in backward: the same steps, the
+    same losses (recomputation is deterministic here), and a final model that loads."""
+    runs = {}
+    for tag in ("kept", "recomputed"):
+        extra = ["--max-steps", "3"] + (["--activation-checkpointing"]
+                                        if tag == "recomputed" else [])
+        rc, _, err = run_cli(capsys, *pretrain_args(tmp_path / tag, tokenizer_dir, *extra))
+        assert rc == 0, err
+        rows = [json.loads(x) for x in (tmp_path / tag / "metrics.jsonl").read_text().splitlines()]
+        runs[tag] = [r["loss"] for r in rows if "lr" in r]
+    assert len(runs["kept"]) == 3
+    assert runs["recomputed"] == pytest.approx(runs["kept"], rel=1e-6)
+    a, b = weights(tmp_path / "kept" / "final"), weights(tmp_path / "recomputed" / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 # fractions of the budget per mode (each sums to 1): in quick mode fixed costs (loading,
 # packing, saving) dominate every stage but pretraining, so pretraining gets more
 SHARES = {
-    "full": {"pretrain": 0.30, "averaging": 0.08, "merging": 0.16, "moe": 0.10,
-             "proxy": 0.15, "warm": 0.21},
+    "full": {"pretrain": 0.40, "averaging": 0.08, "merging": 0.14, "moe": 0.10,
+             "proxy": 0.13, "warm": 0.15},
     "quick": {"pretrain": 0.50, "averaging": 0.08, "merging": 0.14, "moe": 0.08,
               "proxy": 0.08, "warm": 0.12},
 }

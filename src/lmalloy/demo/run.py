@@ -82,11 +82,12 @@ class DemoContext:
         return run_stage(self, name)
 
     def _seed_rates(self, result: dict) -> None:
-        """A reused pretraining result's measured throughput, where this process has not
-        measured its own yet."""
-        for k, v in (result.get("numbers", {}).get("rates") or {}).items():
+        """A reused stage result's measured throughput (`run_stage` saves the rates known
+        when the stage ended), where this process has not measured its own yet."""
+        for k, v in (result.get("rates") or {}).items():
+            value, how = v if isinstance(v, list) else (v, "")
             if k not in self.budget.rates.tps:
-                self.budget.rates.observe(k, v, "the saved pretraining stage")
+                self.budget.rates.observe(k, value, f"saved by an earlier run ({how})")
 
     def call(self, command: str, **fields) -> int:
         """Run an lmalloy command in-process, through the same config validation as the CLI."""
@@ -204,6 +205,8 @@ def main(cfg) -> int:
     prepare_out(out, cfg.quick)  # (--threads is set by the CLI, as for every command)
     chosen = cfg.stages or list(STAGES)
     ctx = DemoContext(out, cfg.quick, cfg.threads, cfg.rerun, set(chosen))
+    if cfg.budget_minutes:
+        ctx.budget.total_s = 60 * cfg.budget_minutes
     t0 = time.perf_counter()
     for name in STAGES:
         if name in chosen:

@@ -3,8 +3,10 @@
 From the base and the domain experts of the merging stage: upcycle the base (Sparse Upcycling: at
 initialisation it must compute exactly the base), compose the experts as mergekit-moe
 does (attention from the base, one FFN per expert, routers from the base's hidden states
-on prompts from each domain), build the Branch-Train-MiX variant (non-FFN averaged), and
-fine-tune only the composed model's routers briefly on the mixed domains. The report
+on prompts from each domain), build the Branch-Train-MiX variant (non-FFN averaged over the experts), and
+fine-tune only the BTX model's routers on the mixed domains (with the base's attention, the
+composed model cannot hold the share of each expert's gain that lives outside its FFN, so
+router tuning barely moves it). The report
 compares per-domain perplexity with the experts (and the dense merges when the merging
 stage has them), counts total vs active parameters, and analyses routing as Mixtral did
 (arXiv 2401.04088, Table 5, Figures 7-8): consecutive-token agreement against the random
@@ -27,6 +29,7 @@ GENERAL = "toplevel"  # a pretraining domain: prompts for the base as generalist
 TITLE = "Mixture of experts: upcycled and composed Mixtrals, and how they route"
 
 
+TUNED = "BTX MoE + router fine-tune"
 RECOVER = 0.6  # the share of each expert's gain the router-tuned MoE should recover
 CURVE_POINTS = 8  # evaluations along the router fine-tune
 
@@ -165,7 +168,7 @@ def _build(base: str, experts: dict[str, str], prompts: dict[str, list[str]], wo
 
 
 def _router_finetune(ctx, work: Path, domains: list[str], s: dict) -> tuple[str, list[dict]]:
-    """Train only the composed MoE's routers on the mixed domains, evaluating along the way
+    """Train only the BTX MoE's routers on the mixed domains, evaluating along the way
     (the recovery curve). Returns (the final HF folder, the run's metrics)."""
     from lmalloy.demo.common import train_run
 
@@ -176,8 +179,8 @@ def _router_finetune(ctx, work: Path, domains: list[str], s: dict) -> tuple[str,
     steps = ctx.clock.fit("router fine-tune steps", s["router_steps"], unit, fraction=0.6,
                           fixed_s=3.0, minimum=CURVE_POINTS, multiple=CURVE_POINTS)
     s["router_steps"] = steps
-    run = work / "composed-router-ft"
-    r = train_run(ctx, "finetune", run, "train:moe", base_model=str(work / "composed"),
+    run = work / "btx-router-ft"
+    r = train_run(ctx, "finetune", run, "train:moe", base_model=str(work / "btx"),
                   train_only=["mlp.gate"], data=["stdlib"], domains=domains,
                   max_chars_per_domain=s["max_chars_per_domain"],
                   val_fraction=s["val_fraction"], seed=s["seed"], seq_len=s["seq_len"],
@@ -285,7 +288,7 @@ def plot_curve(curve: list[dict], domains: list[str], path: Path) -> None:
     ax.axhline(100 * RECOVER, color="0.5", ls="--", lw=0.8, label=f"{100 * RECOVER:.0f}%")
     ax.set_xlabel("router fine-tune step")
     ax.set_ylabel("% of the expert's gain recovered")
-    ax.set_title("Composed MoE: routers trained alone")
+    ax.set_title("BTX MoE: routers trained alone")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -297,14 +300,14 @@ def _claims(ppl: dict, win: dict, rt: dict, domains: list[str], n_e: int) -> lis
     from lmalloy.demo import stats as S
 
     parts, rec = [], {}
-    tuned = "composed MoE + router fine-tune"
+    tuned = TUNED
     for d in domains:
         rec[d] = S.gap_closed_interval(win["base (dense)"][d], win[tuned][d],
                                        win[f"expert {d}"][d])
         parts.append(S.verdict(rec[d][1], rec[d][2], RECOVER))
     worst = min(rec.values(), key=lambda x: x[0] if math.isfinite(x[0]) else -1e9)
-    c1 = S.claim(f"The composed, router-tuned MoE recovers ≥ {100 * RECOVER:.0f}% of each "
-                 f"expert's gain on its domain", "Branch-Train-MiX (2403.07816), mergekit-moe",
+    c1 = S.claim(f"The composed (BTX), router-tuned MoE recovers ≥ {100 * RECOVER:.0f}% of "
+                 f"each expert's gain on its domain", "Branch-Train-MiX (2403.07816), mergekit-moe",
                  "the MoE keeps the experts' domain gains (no single number)",
                  ", ".join(f"{d} {S.fmt_interval(*r, pct=True)}" for d, r in rec.items()),
                  *worst, RECOVER, verdict_=S.all_of(parts),
@@ -338,11 +341,11 @@ def _setup_md(domains: list[str], names: list[str], s: dict, k: int,
             f"(experts {', '.join(f'{i} = {n}' for i, n in enumerate(names))}) — top-{k}; its "
             f"routers start from the base's hidden states on {s['n_prompts']} openings of "
             f"each domain's files (the base: of `{GENERAL}` files; minus one opening of each "
-            f"other domain), mergekit-moe's `hidden` mode, then {s['router_steps']} steps "
-            f"train only the routers (`--train-only mlp.gate`, load-balancing coefficient "
+            f"other domain), mergekit-moe's `hidden` mode. BTX: as composed, but attention "
+            f"and embeddings averaged over the fine-tunes; then {s['router_steps']} steps "
+            f"train only its routers (`--train-only mlp.gate`, load-balancing coefficient "
             f"0.01) on the mixed domains. The upcycled MoE copies the base's FFN into 4 "
-            f"experts with a random router. BTX: as composed, attention and embeddings "
-            f"averaged over the fine-tunes.",
+            f"experts with a random router.",
             "",
             f"**Parameters** (from the config): NonFF {counts['non_ff'] / 1e6:.2f}M + "
             f"{n_e}·FF {counts['ff_per_expert'] / 1e6:.2f}M = {counts['total'] / 1e6:.2f}M "
@@ -367,7 +370,7 @@ def _results_md(ppl: dict, rt: dict, domains: list[str], n_e: int, k: int,
     up_gap = abs(ppl["upcycled MoE (init)"]["all"] - ppl["base (dense)"]["all"])
     md += ["", f"The upcycled MoE computes the base exactly at initialisation (perplexity "
            f"difference {up_gap:.2g}).", "",
-           f"Routing of the router-tuned composed MoE on held-out text, consecutive tokens "
+           f"Routing of the router-tuned BTX MoE on held-out text, consecutive tokens "
            f"(Mixtral Table 5); random baselines for E = {n_e}, k = {k}: same top-1 "
            f"{100 * b1:.1f}%, overlapping top-{k} {100 * b2:.1f}%:", "",
            A.table_markdown(rt["res"], rt["init"], n_e, k), "",
@@ -380,7 +383,7 @@ def _results_md(ppl: dict, rt: dict, domains: list[str], n_e: int, k: int,
 def _verdict(ppl: dict, rt: dict, domains: list[str], counts: dict, b1: float
              ) -> tuple[str, dict[str, float]]:
     """(the verdict line, the share of each expert's gain that the tuned MoE recovers)."""
-    moe_ppl = ppl["composed MoE + router fine-tune"]
+    moe_ppl = ppl[TUNED]
     closes, gap_txt = {}, []
     for d in domains:
         b, e, m_ = (math.log(x) for x in (ppl["base (dense)"][d], ppl[f"expert {d}"][d],
@@ -397,7 +400,7 @@ def _verdict(ppl: dict, rt: dict, domains: list[str], counts: dict, b1: float
                f"of all its tokens")
     agree = [r["layers"][la]["same_top1"] for r in rt["res"].values()
              for la in range(rt["n_layers"])]
-    line = ("> Of each domain expert's gain over the base, the router-tuned composed MoE "
+    line = ("> Of each domain expert's gain over the base, the router-tuned BTX MoE "
             "recovers " + "; ".join(gap_txt) + ", with "
             f"{counts['active'] / 1e6:.2f}M of its {counts['total'] / 1e6:.2f}M parameters "
             f"active per token. Consecutive tokens share their top-1 expert "
@@ -439,10 +442,10 @@ def run(ctx) -> dict:
               **{f"merge {n}": p for n, p in merges.items()},
               "upcycled MoE (init)": str(work / "upcycled"),
               "composed MoE (hidden init)": str(work / "composed"),
-              "composed MoE + router fine-tune": tuned, "BTX MoE (hidden init)": str(work / "btx")}
+              "BTX MoE (hidden init)": str(work / "btx"), TUNED: tuned}
     ppl, loss, win = _perplexity(models, data, s)
     _lap(secs, "perplexity", clock)
-    rt = _routing(tuned, str(work / "composed"), data, base, s, k, n_e, ctx.dir("figures"))
+    rt = _routing(tuned, str(work / "btx"), data, base, s, k, n_e, ctx.dir("figures"))
     _lap(secs, "routing", clock)
     curve = recovery_curve(ft_records, loss, domains)
     plot_curve(curve, domains, ctx.dir("figures") / "moe_router_curve.png")
@@ -458,12 +461,12 @@ def run(ctx) -> dict:
                 "![recovery along the router fine-tune](figures/moe_router_curve.png)", ""]
     md = [*_setup_md(domains, names, s, k, counts, open_model(base).num_parameters),
           *_results_md(ppl, rt, domains, n_e, k, (b1, b2)), *curve_md, verdict]
-    print(f"moe stage: composed+router-ft ppl {ppl['composed MoE + router fine-tune']['all']:.2f}",
+    print(f"moe stage: {TUNED} ppl {ppl[TUNED]['all']:.2f}",
           file=sys.stderr)
     return {"markdown": "\n".join(md), "claims": _claims(ppl, win, rt, domains, n_e),
             "numbers": {
         "base": base, "experts": experts, "upcycled": str(work / "upcycled"),
-        "composed": str(work / "composed"), "composed_router_ft": tuned,
+        "composed": str(work / "composed"), "btx_router_ft": tuned,
         "btx": str(work / "btx"), "ppl": ppl, "params": counts,
         "routing": _layer_stats(rt["res"]), "routing_init": _layer_stats(rt["init"]),
         "baselines": {"same_top1": b1, "overlap": b2}, "gap_closed": closes,

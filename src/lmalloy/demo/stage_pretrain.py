@@ -36,9 +36,10 @@ H192 = {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
 SIZES = {
     "small": {"quick": ("tiny", {"hidden_size": 48, "intermediate_size": 128,
                                  "num_hidden_layers": 1}, 3e-3, 2048, 160),
-              "full": ("tiny", {}, 3e-3, 4096, 320)},
+              "full": ("tiny", {"hidden_size": 64, "intermediate_size": 176}, 3e-3, 4096,
+                       320)},
     "large": {"quick": ("tiny", {}, 3e-3, 2048, 160),
-              "full": ("tiny", H192, 2e-3, 8192, 200)},
+              "full": ("tiny", H192, 3e-3, 4096, 480)},
 }
 AVERAGES = ["ema", "swa", "lawa"]
 

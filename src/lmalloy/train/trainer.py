@@ -188,6 +188,11 @@ class Trainer:
 
     # -- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.activation_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise UserError(f"--activation-checkpointing: {self.arch} does not support "
+                                "activation checkpointing")
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         if self.dist.world > 1 and self.cfg.distributed == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
